@@ -1,0 +1,1 @@
+"""mf_jax: one-step generative models (MeanFlow and its family) in JAX."""

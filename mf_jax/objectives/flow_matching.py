@@ -1,0 +1,28 @@
+"""Flow matching (rectified flow): regress the conditional velocity e - x.
+
+The network is asked for the instantaneous velocity, h = t - r = 0.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from mf_jax.objectives import common
+from mf_jax.objectives import time_samplers
+
+SAMPLER = "euler"
+
+
+def loss(u_fn, params, batch, rng, config, num_classes):
+  """Returns (scalar loss, metrics) for one batch {'x', 'y'}."""
+  x = batch["x"]
+  rng_t, rng_e, rng_drop = jax.random.split(rng, 3)
+  t = time_samplers.sample_time(rng_t, (x.shape[0],), config)
+  z, v = common.interpolate(x, jax.random.normal(rng_e, x.shape, x.dtype), t)
+  y, _ = common.drop_labels(rng_drop, batch["y"], num_classes,
+                            config.class_dropout)
+  u = u_fn(params, z, t, jnp.zeros_like(t), y, True)
+  sq_error_b = common.per_sample_sq_error(u, v)
+  value, weight_b = common.adaptive_weighted_loss(
+      sq_error_b, config.adaptive_p, config.adaptive_eps)
+  return value, {"loss": value, "mse": jnp.mean(sq_error_b),
+                 "v_mse": jnp.mean(sq_error_b), "weight": jnp.mean(weight_b)}

@@ -1,0 +1,75 @@
+"""MeanFlow (Geng et al., 2025): regress the average velocity u(z_t, r, t).
+
+The MeanFlow identity u = v - (t - r) du/dt gives the target; du/dt is the
+total derivative along the trajectory, one `jax.jvp` with tangents (v, 0, 1)
+for (z, r, t). Its primal output is the prediction itself, so the step costs
+one forward + JVP and one backward pass.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from mf_jax.objectives import common
+from mf_jax.objectives import guidance
+from mf_jax.objectives import time_samplers
+
+SAMPLER = "flow_map"
+JVP_TANGENTS = ("v,0,1", "v,0,0", "v,1,0", "v,1,1")
+
+
+def parse_tangent(spec: str) -> tuple[float, float]:
+  """'v,0,1' -> tangent scales of (r, t); the paper's ablation variants."""
+  if spec not in JVP_TANGENTS:
+    raise ValueError(f"Unknown objective.jvp_tangent {spec!r}; valid: "
+                     f"{JVP_TANGENTS} (tangents of z, r, t).")
+  _, dr, dt = spec.split(",")
+  return float(dr), float(dt)
+
+
+def validate(config):
+  parse_tangent(config.jvp_tangent)
+
+
+def prediction_and_target(u_fn, params, z, r, t, y, v, tangent=(0.0, 1.0)):
+  """u(z, r, t) and the MeanFlow target sg(v - (t - r) du/dt).
+
+  du/dt = v . d_z u + d_t u is the derivative along the trajectory through
+  z with velocity v and r fixed: one `jax.jvp` whose tangents for (z, r, t)
+  are (v, tangent[0], tangent[1]); (v, 0, 1) is the correct one. Since the
+  network sees h = t - r, the derivative flows through both t and h.
+  """
+  def u_of(z, r, t):
+    return u_fn(params, z, t, t - r, y, True)
+
+  dr, dt = tangent
+  ones = jnp.ones_like(t)
+  u, dudt = jax.jvp(u_of, (z, r, t), (v, dr * ones, dt * ones))
+  u_target = v - common.broadcast_to(t - r, z) * dudt
+  return u, jax.lax.stop_gradient(u_target)
+
+
+def loss(u_fn, params, batch, rng, config, num_classes):
+  """Returns (scalar loss, metrics) for one batch {'x', 'y'}."""
+  x = batch["x"]
+  rng_tr, rng_e, rng_drop = jax.random.split(rng, 3)
+  t, r = time_samplers.sample_t_r(rng_tr, x.shape[0], config)
+  z, v = common.interpolate(x, jax.random.normal(rng_e, x.shape, x.dtype), t)
+
+  v_g = guidance.guided_velocity(u_fn, params, z, t, batch["y"], v, config,
+                                 num_classes)
+  y, dropped = common.drop_labels(rng_drop, batch["y"], num_classes,
+                                  config.class_dropout)
+  # Rows trained unconditionally learn the unguided field.
+  v_g = jnp.where(common.broadcast_to(dropped, v), v, v_g)
+
+  u, u_target = prediction_and_target(
+      u_fn, params, z, r, t, y, v_g, parse_tangent(config.jvp_tangent))
+  sq_error_b = common.per_sample_sq_error(u, u_target)
+  value, weight_b = common.adaptive_weighted_loss(
+      sq_error_b, config.adaptive_p, config.adaptive_eps)
+  return value, {
+      "loss": value,
+      "mse": jnp.mean(sq_error_b),
+      "v_mse": jnp.mean(common.per_sample_sq_error(u, v)),
+      "weight": jnp.mean(weight_b),
+  }

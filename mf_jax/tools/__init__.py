@@ -1,0 +1,1 @@
+"""Command-line tools: `python -m mf_jax.tools.<name> --help`."""

@@ -1,0 +1,225 @@
+"""The training loop and the eval/sample entry points behind `main`.
+
+`train_and_evaluate(config, workdir)` builds everything from the config,
+checks what can be checked before compiling, resumes from the latest
+checkpoint in `workdir/checkpoints`, and runs the jitted step with periodic
+logging, sample grids, evaluation and checkpoints.
+"""
+
+import functools
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import periodic_actions
+
+from mf_jax import checkpointing
+from mf_jax import models
+from mf_jax import objectives
+from mf_jax import sharding
+from mf_jax.data import pipeline
+from mf_jax.evaluation import evaluator as evaluator_lib
+from mf_jax.evaluation import images
+from mf_jax.training import state as state_lib
+from mf_jax.training import step as step_lib
+from mf_jax.training import writers
+
+
+class Experiment:
+  """The pieces a config defines, built once and shared by every mode."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    # Cheap validation first: a bad name fails before any compilation.
+    self.objective = objectives.validate(config.objective)
+    pipeline.dataset_kind(config.data.name)
+    self.mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.training.batch_size, self.mesh)
+    self.model = models.build_model(config.model)
+    self.u_fn = state_lib.make_u_fn(self.model)
+    self.tx, self.schedule = state_lib.make_optimizer(
+        config.optimizer, config.training.num_steps)
+    self.init_fn, shapes, self.state_shardings = state_lib.abstract_state(
+        self.model, self.tx, config, self.mesh)
+    self.abstract_state = checkpointing.abstract_with_shardings(
+        shapes, self.state_shardings)
+    self.input_shape = state_lib.model_input_shape(config.model)
+
+  @functools.cached_property
+  def checkpointer(self) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(
+        os.path.join(os.path.abspath(self.workdir), "checkpoints"),
+        self.config.checkpoint.max_to_keep, self.config.checkpoint.async_save)
+
+  def jit_train_step(self):
+    return step_lib.jit_train_step(
+        objectives.make_loss_fn(self.config, self.u_fn), self.tx,
+        self.schedule, self.state_shardings, self.mesh)
+
+  def abstract_batch(self, batch_size=None):
+    """Shapes and shardings of a global batch, for ahead-of-time lowering."""
+    batch_size = batch_size or self.config.training.batch_size
+    batch_sharding = sharding.batch_sharding(self.mesh)
+    return {
+        "x": jax.ShapeDtypeStruct((batch_size, *self.input_shape),
+                                  jnp.float32, sharding=batch_sharding),
+        "y": jax.ShapeDtypeStruct((batch_size,), jnp.int32,
+                                  sharding=batch_sharding),
+    }
+
+  def lower_train_step(self, batch_size=None):
+    """The train step lowered from abstract shapes: nothing is allocated."""
+    rng = jax.eval_shape(jax.random.key, 0)
+    return self.jit_train_step().lower(self.abstract_state,
+                                       self.abstract_batch(batch_size), rng)
+
+  def new_state(self):
+    return jax.jit(self.init_fn, out_shardings=self.state_shardings)(
+        jax.random.key(self.config.training.seed))
+
+  def restore(self, data_iterator=None, step=None):
+    return self.checkpointer.restore(self.abstract_state, data_iterator, step)
+
+  def eval_params(self, state):
+    """The parameters evaluation uses: an EMA copy unless ema_decay == 0."""
+    decay = self.config.eval.ema_decay
+    if decay == 0:
+      return state.params
+    if decay < 0:
+      return next(iter(state.ema_params.values()))
+    return state.ema_params[state_lib.ema_key(decay)]
+
+  def make_evaluator(self):
+    return evaluator_lib.Evaluator(self.config, self.u_fn, self.mesh,
+                                   self.input_shape)
+
+
+def _write_json(path: str, record: dict):
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(record, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def evaluate(exp: Experiment, state, step: int, evaluator) -> dict:
+  """Scores the eval parameters and writes WORKDIR/eval/<step>.json."""
+  rng = jax.random.key(exp.config.training.seed + 1)
+  results = evaluator(exp.eval_params(state), rng)
+  _write_json(os.path.join(exp.workdir, "eval", f"{step}.json"), results)
+  return results
+
+
+def save_sample_grid(exp: Experiment, state, step: int, evaluator,
+                     nfe: int | None = None) -> str:
+  """A PNG of samples: a class-balanced grid of images, or a 2-D density."""
+  nfe = nfe or exp.config.sample.nfe
+  size = exp.config.sample.grid_size
+  rng = jax.random.key(exp.config.training.seed + 2)
+  if evaluator.kind == "toy2d":
+    points, _ = evaluator.generate(exp.eval_params(state), rng, 20_000, nfe,
+                                   "random")
+    picture = images.density_image(points)
+  else:
+    samples, _ = evaluator.generate(exp.eval_params(state), rng, size * size,
+                                    nfe, "balanced")
+    picture = images.image_grid(samples, columns=size,
+                                scale=max(1, 64 // samples.shape[1]))
+  path = os.path.join(exp.workdir, "samples", f"{step}_nfe{nfe}.png")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    images.save_png(path, picture)
+  return path
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so it can save and exit."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+
+def train_and_evaluate(config, workdir: str):
+  """Trains (resuming if possible) and returns the last eval results."""
+  exp = Experiment(config, workdir)
+  data_iterator = pipeline.make_train_iterator(config)
+  state, start_step = exp.restore(data_iterator)
+  if state is None:
+    state, start_step = exp.new_state(), 0
+  else:
+    logging.info("Resumed from step %d.", start_step)
+  rng = jax.random.key(config.training.seed)
+  train_step = exp.jit_train_step()
+  batch_sharding = sharding.batch_sharding(exp.mesh)
+  evaluator = exp.make_evaluator()
+  writer = writers.create_writer(workdir)
+  progress = periodic_actions.ReportProgress(
+      num_train_steps=config.training.num_steps, writer=writer)
+  preemption = _Preemption()
+  num_steps, results = config.training.num_steps, {}
+
+  def every(n, step):
+    return n > 0 and (step % n == 0 or step == num_steps)
+
+  for step in range(start_step + 1, num_steps + 1):
+    batch = pipeline.to_global(next(data_iterator), batch_sharding)
+    state, metrics = train_step(state, batch, rng)
+    progress(step)
+    if every(config.training.log_every_steps, step):
+      metrics = jax.device_get(metrics)
+      if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"Loss is {metrics['loss']} at step {step}.")
+      writer.write_scalars(step, metrics)
+    if every(config.sample.every_steps, step):
+      save_sample_grid(exp, state, step, evaluator)
+    if every(config.eval.every_steps, step):
+      results = evaluate(exp, state, step, evaluator)
+      writer.write_scalars(step, results)
+    if every(config.checkpoint.every_steps, step) or preemption.requested:
+      exp.checkpointer.save(step, state, data_iterator,
+                            force=preemption.requested)
+    writer.flush()
+    if preemption.requested:
+      logging.warning("SIGTERM: saved step %d, exiting.", step)
+      break
+  exp.checkpointer.wait()
+  exp.checkpointer.close()
+  writer.close()
+  return results
+
+
+def _restore_for_inference(exp: Experiment, step: int | None):
+  state, step = exp.restore(step=step)
+  if state is None:
+    raise FileNotFoundError(
+        f"No checkpoint in {exp.workdir}/checkpoints; train first.")
+  return state, step
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None = None):
+  """The 'eval' mode: scores a saved checkpoint (latest by default)."""
+  exp = Experiment(config, workdir)
+  state, step = _restore_for_inference(exp, step)
+  results = evaluate(exp, state, step, exp.make_evaluator())
+  exp.checkpointer.close()
+  return results
+
+
+def sample_checkpoint(config, workdir: str, step: int | None = None,
+                      nfe: int | None = None) -> str:
+  """The 'sample' mode: writes a PNG of samples from a saved checkpoint."""
+  exp = Experiment(config, workdir)
+  state, step = _restore_for_inference(exp, step)
+  path = save_sample_grid(exp, state, step, exp.make_evaluator(), nfe)
+  exp.checkpointer.close()
+  return path

@@ -1,0 +1,59 @@
+"""Metric writers: clu's default (TensorBoard + log) plus a JSONL file.
+
+Only process 0 writes files; other hosts just log.
+"""
+
+import json
+import os
+
+import jax
+from clu import metric_writers
+from clu.metric_writers import interface
+
+
+class JsonlWriter(interface.MetricWriter):
+  """Appends one JSON object per scalar write to WORKDIR/metrics.jsonl."""
+
+  def __init__(self, path: str):
+    self._file = open(path, "a", encoding="utf-8")
+
+  def write_scalars(self, step, scalars):
+    record = {"step": int(step)}
+    record.update({k: float(v) for k, v in scalars.items()})
+    self._file.write(json.dumps(record) + "\n")
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def create_writer(workdir: str) -> interface.MetricWriter:
+  if jax.process_index() > 0:
+    return metric_writers.create_default_writer(just_logging=True)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(workdir, asynchronous=False),
+      JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+  ])

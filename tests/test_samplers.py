@@ -1,0 +1,67 @@
+"""Samplers: exact on an exact model, shapes, determinism, labels."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mf_jax import samplers
+from tests.gaussian_flow import exact_u, marginal_velocity, MU, S
+
+
+def velocity_model(params, z, t, h, y, train):
+  del params, h, y, train
+  return marginal_velocity(z, t)
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 5])
+def test_flow_map_with_exact_u_lands_on_the_data(nfe):
+  """x = e - u(e, 0, 1) pushes N(0, 1) exactly onto N(MU, S^2)."""
+  noise = jax.random.normal(jax.random.key(0), (50_000, 1))
+  labels = jnp.zeros(50_000, jnp.int32)
+  x = samplers.flow_map_sample(exact_u, None, noise, labels,
+                               samplers.uniform_timesteps(nfe))
+  # The exact flow map is affine: x = MU + S * e, whatever the NFE.
+  np.testing.assert_allclose(x, MU + S * noise, rtol=1e-4, atol=1e-4)
+
+
+def test_euler_converges_to_the_flow():
+  noise = jax.random.normal(jax.random.key(1), (1000, 1))
+  labels = jnp.zeros(1000, jnp.int32)
+  errors = []
+  for steps in (1, 10, 100):
+    x = samplers.euler_sample(velocity_model, None, noise, labels,
+                              samplers.uniform_timesteps(steps))
+    errors.append(float(jnp.max(jnp.abs(x - (MU + S * noise)))))
+  # First order: ten times the steps, a tenth of the error.
+  assert errors[0] > 5 * errors[1] > 25 * errors[2] and errors[2] < 0.05
+
+
+def test_sampling_is_deterministic_and_keeps_shape():
+  def model(params, z, t, h, y, train):
+    del train
+    return jnp.tanh(z * params + t[:, None, None, None] - h[:, None, None, None]
+                    + y[:, None, None, None])
+
+  noise = jax.random.normal(jax.random.key(2), (6, 4, 4, 3))
+  labels = samplers.make_labels(jax.random.key(3), 6, 10, "random")
+  sample = jax.jit(functools.partial(samplers.flow_map_sample, model))
+  a = sample(0.5, noise, labels, samplers.uniform_timesteps(3))
+  b = sample(0.5, noise, labels, samplers.uniform_timesteps(3))
+  assert a.shape == noise.shape and a.dtype == noise.dtype
+  np.testing.assert_array_equal(a, b)
+  c = samplers.euler_sample(model, 0.5, noise, labels,
+                            jnp.array([1.0, 0.6, 0.0]))
+  assert c.shape == noise.shape
+
+
+def test_labels():
+  balanced = np.asarray(samplers.make_labels(None, 25, 10, "balanced"))
+  np.testing.assert_array_equal(np.bincount(balanced), [3] * 5 + [2] * 5)
+  rand = np.asarray(samplers.make_labels(jax.random.key(0), 1000, 10, "random"))
+  assert rand.min() == 0 and rand.max() == 9
+  assert (np.asarray(samplers.make_labels(None, 4, 0, "random")) == 0).all()
+  with pytest.raises(ValueError, match="label mode"):
+    samplers.make_labels(None, 4, 10, "sorted")
