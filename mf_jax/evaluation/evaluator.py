@@ -50,12 +50,13 @@ class Evaluator:
     """`num` samples and their labels as numpy, in batches of eval size."""
     batch = self.config.eval.batch_size
     num_classes = self.config.model.num_classes
-    labels = np.asarray(samplers.make_labels(
-        jax.random.fold_in(rng, -1), num, num_classes, label_mode))
+    rng_labels, rng_noise = jax.random.split(rng)
+    labels = np.asarray(samplers.make_labels(rng_labels, num, num_classes,
+                                             label_mode))
     chunks = []
     for i, start in enumerate(range(0, num, batch)):
       chunk = np.resize(labels[start:start + batch], batch)
-      out = self._sample(params, jax.random.fold_in(rng, i),
+      out = self._sample(params, jax.random.fold_in(rng_noise, i),
                          jnp.asarray(chunk), nfe)
       chunks.append(multihost_utils.process_allgather(out, tiled=True))
     return np.concatenate(chunks)[:num], labels

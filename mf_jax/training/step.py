@@ -18,8 +18,8 @@ def train_step(state: TrainState, batch, rng, *, loss_fn, tx, schedule):
   ema_params = {
       key: optax.incremental_update(params, ema, 1.0 - float(key))
       for key, ema in state.ema_params.items()}
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                 param_norm=optax.global_norm(params),
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(params),
                  lr=schedule(state.step))
   new_state = TrainState(step=state.step + 1, params=params,
                          opt_state=opt_state, ema_params=ema_params)
