@@ -66,7 +66,7 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 
 
 def unpatchify(x_bnk, grid_h: int, grid_w: int, patch: int, channels: int):
-  """(B, gh*gw, p*p*C) -> (B, gh*p, gw*p, C), token features ordered (p, q, c)."""
+  """(B, gh*gw, p*p*C) -> (B, gh*p, gw*p, C); features ordered (p, q, c)."""
   b = x_bnk.shape[0]
   x = x_bnk.reshape(b, grid_h, grid_w, patch, patch, channels)
   x = jnp.einsum("nhwpqc->nhpwqc", x)
@@ -168,7 +168,8 @@ class DiT(nn.Module):
       raise ValueError(f"hidden_size {d} is not divisible by num_heads "
                        f"{self.num_heads}.")
     # float32 means no casting: float64 params (enable_x64) then stay float64.
-    dtype = None if jnp.dtype(self.dtype) == jnp.float32 else self.dtype
+    dtype = jnp.dtype(self.dtype)
+    dtype = None if dtype == jnp.float32 else dtype
     resid_dtype = jnp.promote_types(z.dtype, jnp.float32)
 
     x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID",
@@ -199,7 +200,8 @@ def _variants():
           for patch in (2, 4, 8)}
 
 
-# "B/4" -> depth, hidden_size, num_heads, patch_size (MeanFlow paper Table).
+# "B/4" -> depth, hidden_size, num_heads, patch_size: DiT sizes S, B, L, XL
+# plus MeanFlow's M, each with patch 2, 4 or 8.
 DIT_VARIANTS = _variants()
 ARCH_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size")
 

@@ -38,6 +38,17 @@ class ResBlock(nn.Module):
     return x_bd + gate * y
 
 
+class FinalLayer(nn.Module):
+  """adaLN (shift, scale), then a zero-initialised projection to D."""
+  out_features: int
+
+  @nn.compact
+  def __call__(self, x_bd, c_bd):
+    shift, scale = _modulation(c_bd, 2, x_bd.shape[-1], "adaLN_modulation")
+    x_bd = _layer_norm()(x_bd) * (1 + scale) + shift
+    return nn.Dense(self.out_features, kernel_init=_zeros, name="linear")(x_bd)
+
+
 class MLP(nn.Module):
   """u = MLP(z, t, h, y) for z of shape (B, D); D is taken from z.
 
@@ -61,16 +72,6 @@ class MLP(nn.Module):
       x_bd = ResBlock(name=f"blocks_{i}")(x_bd, c_bd)
     x_bd = FinalLayer(z.shape[-1], name="final_layer")(x_bd, c_bd)
     return x_bd.astype(z.dtype)
-
-
-class FinalLayer(nn.Module):
-  out_features: int
-
-  @nn.compact
-  def __call__(self, x_bd, c_bd):
-    shift, scale = _modulation(c_bd, 2, x_bd.shape[-1], "adaLN_modulation")
-    x_bd = _layer_norm()(x_bd) * (1 + scale) + shift
-    return nn.Dense(self.out_features, kernel_init=_zeros, name="linear")(x_bd)
 
 
 def from_config(config) -> MLP:

@@ -180,6 +180,7 @@ def train_and_evaluate(config, workdir: str):
       if not np.isfinite(metrics["loss"]):
         raise FloatingPointError(f"Loss is {metrics['loss']} at step {step}.")
       writer.write_scalars(step, metrics)
+      writer.flush()
     if every(config.sample.every_steps, step):
       save_sample_grid(exp, state, step, evaluator)
     if every(config.eval.every_steps, step):
@@ -188,7 +189,6 @@ def train_and_evaluate(config, workdir: str):
     if every(config.checkpoint.every_steps, step) or preemption.requested:
       exp.checkpointer.save(step, state, data_iterator,
                             force=preemption.requested)
-    writer.flush()
     if preemption.requested:
       logging.warning("SIGTERM: saved step %d, exiting.", step)
       break
