@@ -18,7 +18,7 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, objective="meanflow", fraction_r_neq_t=0.25)
   c = config_lib.base_config()
   c.model.update(name="dit", variant="", input_size=8, in_channels=1,
-                 patch_size=2, hidden_size=128, depth=4, num_heads=4,
+                 patch_size=4, hidden_size=128, depth=4, num_heads=4,
                  num_classes=10)
   c.objective.update(name=arg.objective, fraction_r_neq_t=arg.fraction_r_neq_t)
   if arg.objective == "flow_matching":

@@ -13,9 +13,12 @@ import pytest
 from mf_jax import models
 from mf_jax.models import official
 
-# Written by the official MeanFlow code (see its README.md).
-FIXTURE = os.environ.get("MF_JAX_OFFICIAL_FIXTURE",
-                         "/work/shared/fixtures/official_meanflow_tiny")
+# Written by the official MeanFlow code (see its README.md); shared/ sits
+# beside the repository checkout.
+FIXTURE = os.environ.get(
+    "MF_JAX_OFFICIAL_FIXTURE",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                 "shared", "fixtures", "official_meanflow_tiny"))
 
 
 def _dit_config(**overrides):

@@ -22,12 +22,6 @@ from ml_collections import config_flags
 from mf_jax.tools import compiled_stats
 from mf_jax.training import trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
-                                          lock_config=True)
-_BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: config).")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant.")
-flags.mark_flags_as_required(["config"])
-
 
 def variants(config) -> dict:
   """The four objective settings, all on the config's backbone and batch."""
@@ -99,4 +93,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined here so that the module imports cleanly in tests.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
+                                            lock_config=True)
+  _BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: config).")
+  _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant.")
+  flags.mark_flags_as_required(["config"])
   app.run(main)
