@@ -9,15 +9,18 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.clip(np.round(127.5 * images + 127.5), 0, 255).astype(np.uint8)
 
 
-def image_grid(images: np.ndarray, columns: int, scale: int = 1) -> np.ndarray:
-  """Tiles NHWC images in [-1, 1] row-major into one uint8 picture."""
+def image_grid(images: np.ndarray, columns: int, scale: int = 1,
+               pad: int = 1) -> np.ndarray:
+  """Tiles NHWC images in [-1, 1] row-major into one uint8 picture, each
+  enlarged `scale` times and framed by `pad` pixels of mid-grey."""
+  images = np.repeat(np.repeat(images, scale, axis=1), scale, axis=2)
   n, h, w, c = images.shape
   rows = -(-n // columns)
-  padded = np.full((rows * columns, h, w, c), -1.0, np.float32)
-  padded[:n] = images
-  grid = padded.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4)
-  grid = to_uint8(grid.reshape(rows * h, columns * w, c))
-  grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+  cells = np.zeros((rows * columns, h + 2 * pad, w + 2 * pad, c), np.float32)
+  cells[:n, pad:pad + h, pad:pad + w] = images
+  grid = cells.reshape(rows, columns, *cells.shape[1:]).transpose(0, 2, 1, 3, 4)
+  grid = to_uint8(grid.reshape(rows * cells.shape[1], columns * cells.shape[2],
+                               c))
   return grid[..., 0] if c == 1 else grid
 
 
