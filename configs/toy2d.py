@@ -20,16 +20,18 @@ def get_config(arg=None):
                  num_classes=0)
   for key in ("variant", "input_size", "mlp_ratio", "remat", "dtype"):
     del c.model[key]
+  # Plain L2 (p = 0): on 2-D targets the conditional velocity is so noisy
+  # that the adaptive weight 1/sg(err + eps) biases the learned field (in our
+  # runs, p = 1 left the 2- and 100-step samples 5-10x worse than p = 0,
+  # while 1 step was comparable).
   c.objective.update(name=arg.objective, fraction_r_neq_t=arg.fraction_r_neq_t,
-                     class_dropout=0.0)
-  if arg.objective == "flow_matching":
-    c.objective.adaptive_p = 0.0  # plain flow-matching regression
+                     class_dropout=0.0, adaptive_p=0.0)
   c.data.name = arg.dataset
-  c.optimizer.update(lr=1e-3, b2=0.999)
+  c.optimizer.update(lr=1e-3, b2=0.999, schedule="cosine")
   c.training.update(num_steps=20_000, batch_size=256, log_every_steps=500,
                     ema_decays=(0.999,))
   c.checkpoint.every_steps = 5000
-  c.eval.update(every_steps=10_000, nfe=(1, 2, 100), num_samples=5000,
-                batch_size=1000)
+  c.eval.update(every_steps=10_000, nfe=(1, 2, 100), num_samples=20_000,
+                batch_size=2000)
   c.sample.update(every_steps=10_000, nfe=1)
   return c

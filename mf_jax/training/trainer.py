@@ -171,9 +171,15 @@ def train_and_evaluate(config, workdir: str):
   def every(n, step):
     return n > 0 and (step % n == 0 or step == num_steps)
 
+  previous_metrics = None
   for step in range(start_step + 1, num_steps + 1):
     batch = pipeline.to_global(next(data_iterator), batch_sharding)
     state, metrics = train_step(state, batch, rng)
+    # At most two steps in flight: the device stays busy, the host never runs
+    # far ahead (XLA:CPU's fake devices can deadlock in collectives when many
+    # executions are queued).
+    jax.block_until_ready(previous_metrics)
+    previous_metrics = metrics
     progress(step)
     if every(config.training.log_every_steps, step):
       metrics = jax.device_get(metrics)
