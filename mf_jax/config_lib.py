@@ -65,11 +65,17 @@ def base_config() -> ml_collections.ConfigDict:
       num_steps=1000, batch_size=256, seed=0, log_every_steps=100,
       ema_decays=(0.9999,)))
 
+  # augment_p: EDM augmentation probability (data/augment.py); > 0 needs a
+  # model with augment_dim = 6 (the U-Net), which is told the parameters.
   c.data = ml_collections.ConfigDict(dict(
-      name="digits", tfds_data_dir="", shuffle_seed=0))
+      name="digits", tfds_data_dir="", latents_dir="", shuffle_seed=0,
+      augment_p=0.0))
 
-  # Mesh axis sizes; -1 takes the remaining devices.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # Mesh axis sizes; -1 takes the remaining devices. Parameters (and their
+  # optimizer moments and EMA copies) with at least fsdp_min_size elements
+  # are split over 'fsdp'; num_devices > 0 uses only the first devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, num_devices=-1,
+                                          fsdp_min_size=2**18))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1000, max_to_keep=3, async_save=True))
@@ -80,4 +86,37 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict(dict(
       every_steps=1000, grid_size=10, nfe=1))
+  return c
+
+
+# ImageNet 256 (1,281,167 images) at batch 256 with the last partial batch
+# dropped: the official runs' epoch, e.g. 240 epochs = 1,200,960 steps.
+IMAGENET256_STEPS_PER_EPOCH = 5004
+
+
+def imagenet256_config(variant: str, omega: float, kappa: float,
+                       t_start: float, t_end: float,
+                       epochs: int = 240) -> ml_collections.ConfigDict:
+  """The official MeanFlow ImageNet 256 setting for one DiT size.
+
+  Everything but the model size and the training-time CFG is shared by the
+  paper's B/4 ... XL/2 runs (base_config's defaults are those values):
+  SD-VAE latents 32x32x4, batch 256, AdamW lr 1e-4 constant with b2 0.95,
+  EMA 0.9999, fp32. The configs/imagenet256_*.py files differ only in the
+  arguments here, so a change to the shared setting lands in all of them.
+  """
+  c = base_config()
+  c.model.update(name="dit", variant=variant, input_size=32, in_channels=4,
+                 num_classes=1000)
+  c.objective.update(name="meanflow", guidance_omega=omega,
+                     guidance_kappa=kappa, guidance_t_start=t_start,
+                     guidance_t_end=t_end)
+  c.data.name = "imagenet256_latents"
+  steps = IMAGENET256_STEPS_PER_EPOCH
+  c.training.update(num_steps=epochs * steps, batch_size=256,
+                    log_every_steps=100)
+  c.checkpoint.every_steps = steps
+  c.eval.update(every_steps=10 * steps, nfe=(1, 2), num_samples=50_000,
+                batch_size=256, labels="balanced")
+  c.sample.update(every_steps=steps, grid_size=8, nfe=1)
   return c

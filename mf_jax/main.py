@@ -5,6 +5,11 @@
       --workdir=/tmp/fm --config.training.num_steps=2000
   python -m mf_jax.main --config=configs/digits.py --workdir=/tmp/digits \
       --mode=eval
+
+Several processes (one per host): TPU pods and SLURM are detected by
+`jax.distributed.initialize`; elsewhere set JAX_COORDINATOR_ADDRESS
+(host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID in each
+process's environment (on CPU, collectives between processes use gloo).
 """
 
 import json
@@ -33,7 +38,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   if _multi_host_requested():
-    jax.distributed.initialize()
+    jax.distributed.initialize(num_processes=_env_int("JAX_NUM_PROCESSES"),
+                               process_id=_env_int("JAX_PROCESS_ID"))
   logging.info("Process %d/%d, devices: %s", jax.process_index(),
                jax.process_count(), jax.devices())
   config, workdir = _CONFIG.value, _WORKDIR.value
@@ -52,6 +58,12 @@ def _multi_host_requested() -> bool:
   """Cluster environments (TPU pods, SLURM) announce several processes."""
   return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or bool(
       os.environ.get("JAX_COORDINATOR_ADDRESS"))
+
+
+def _env_int(name: str) -> int | None:
+  """An integer from the environment; None lets JAX detect the cluster."""
+  value = os.environ.get(name)
+  return None if value is None else int(value)
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def test_invalid_time_inputs_raise(bad):
 
 
 @pytest.mark.parametrize("config,match", [
-    (ml_collections.ConfigDict(dict(name="unet")), "valid"),
+    (ml_collections.ConfigDict(dict(name="resnet")), "valid"),
     (_dit_config(variant="B/3"), "variant"),
     (_dit_config(input_size=9), "divisible"),
     (ml_collections.ConfigDict(dict(name="dit", variant="")), "variant"),

@@ -105,9 +105,27 @@ def test_cli_rejects_bad_input_before_compiling(tmp_path):
   assert done.returncode != 0 and "not divisible" in done.stderr
 
 
+def _run_until_checkpoint_then_kill(args, checkpoints, min_step):
+  """Starts the CLI and SIGKILLs it once a checkpoint >= min_step exists
+  (at whatever step it is then: the kill lands mid-step or mid-save)."""
+  proc = subprocess.Popen([sys.executable, "-m", "mf_jax.main", *args],
+                          cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(checkpoints) and any(
+        name.isdigit() and int(name) >= min_step
+        for name in os.listdir(checkpoints)):
+      break
+    time.sleep(0.05)
+  proc.kill()
+  proc.wait()
+
+
 def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path):
-  """A run killed hard after a checkpoint, then relaunched, ends where an
-  uninterrupted run ends, bit for bit."""
+  """A run killed hard twice (after a checkpoint, and again after a later
+  one of the relaunched run), then relaunched, ends where an uninterrupted
+  run ends, bit for bit."""
   overrides = ["--config.model.hidden_size=32", "--config.model.depth=1",
                "--config.training.num_steps=200",
                "--config.training.batch_size=64",
@@ -115,19 +133,13 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path):
                "--config.eval.every_steps=0", "--config.sample.every_steps=0"]
   config = "--config=configs/toy2d.py"
   killed = str(tmp_path / "killed")
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "mf_jax.main", config, f"--workdir={killed}",
-       *overrides], cwd=REPO, stdout=subprocess.DEVNULL,
-      stderr=subprocess.DEVNULL)
   checkpoints = os.path.join(killed, "checkpoints")
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(checkpoints) and any(
-        name.isdigit() and int(name) >= 50 for name in os.listdir(checkpoints)):
-      break
-    time.sleep(0.05)
-  proc.kill()
-  proc.wait()
+  for _ in range(2):  # each time 2 checkpoints past the last one
+    saved = [int(n) for n in os.listdir(checkpoints) if n.isdigit()] if (
+        os.path.isdir(checkpoints)) else []
+    _run_until_checkpoint_then_kill([config, f"--workdir={killed}",
+                                     *overrides], checkpoints,
+                                    max(saved, default=0) + 50)
   assert _cli(config, f"--workdir={killed}", *overrides).returncode == 0
   straight = str(tmp_path / "straight")
   assert _cli(config, f"--workdir={straight}", *overrides).returncode == 0

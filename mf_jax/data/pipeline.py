@@ -1,12 +1,18 @@
 """Training data as grain pipelines, one per host, and global batches.
 
-Each host reads only its shard of the data and yields its share of the
-global batch as numpy; `to_global` assembles the global `jax.Array` sharded
-over the mesh. Pipelines are grain iterators, so their position is part of
-every checkpoint and a resumed run sees exactly the data it would have seen.
+There is one global stream of examples, the same for any number of hosts;
+each host reads (loads, decodes, augments) only the rows of each global
+batch its devices hold (`sharding.process_batch_rows`) and yields them as
+numpy; `to_global` assembles the global `jax.Array` sharded over the mesh.
+So a run on 2 hosts x 4 devices trains on exactly the batches of a run on
+one host with 8 devices. Pipelines are grain iterators, so their position
+(one file per host) is part of every checkpoint and a resumed run sees
+exactly the data it would have seen.
 
 Batches are dicts: 'x' float32 data (NHWC images in [-1, 1], or (B, D)
-points) and 'y' int32 class labels (zeros for unconditional data).
+points) and 'y' int32 class labels (zeros for unconditional data); image
+batches for a model with `augment_dim` also carry 'augment_labels' (B, 6),
+EDM's augmentation parameters (data/augment.py, probability data.augment_p).
 """
 
 import os
@@ -15,7 +21,9 @@ import grain
 import jax
 import numpy as np
 
+from mf_jax.data import augment
 from mf_jax.data import digits
+from mf_jax.data import latents
 from mf_jax.data import toy2d
 
 TFDS_DATASETS = ("cifar10", "mnist", "fashion_mnist", "svhn_cropped")
@@ -37,30 +45,47 @@ def dataset_kind(name: str) -> str:
       f"'digits', a TFDS image dataset {TFDS_DATASETS} or {LATENT_DATASETS}.")
 
 
-def _toy2d_dataset(config, local_batch, process_index):
-  """Fresh points every step: element i is a whole batch drawn from seed i."""
-  name = config.data.name
+def _toy2d_dataset(config, rows):
+  """Fresh points every step: element i is a whole global batch drawn from
+  seed i, of which this host keeps its rows (2-D points cost nothing)."""
+  name, batch_size = config.data.name, config.training.batch_size
 
   def make_batch(_, rng):
-    return {"x": toy2d.sample(name, local_batch, rng),
-            "y": np.zeros((local_batch,), np.int32)}
+    return {"x": toy2d.sample(name, batch_size, rng)[rows],
+            "y": np.zeros((len(rows),), np.int32)}
 
-  seed = config.data.shuffle_seed * 1_000_003 + process_index
+  seed = config.data.shuffle_seed * 1_000_003
   return grain.MapDataset.range(2**40).random_map(make_batch, seed=seed)
 
 
-def _array_dataset(images, labels, config, local_batch, process_index,
-                   process_count, flip: bool):
+def _process_share(ds, rows, batch_size: int):
+  """Batches of this host's `rows` of each global batch of `ds`.
+
+  `ds` is the global, per-example stream; it is indexed lazily, so only
+  this host's examples are loaded and mapped, and random maps see the same
+  global index (the same flip, the same augmentation) on any host count.
+  """
+  rows = np.asarray(rows)
+
+  def element(j):
+    step, k = divmod(j, len(rows))
+    return ds[step * batch_size + int(rows[k])]
+
+  share = grain.MapDataset.range(len(ds) // batch_size * len(rows))
+  return share.map(element).batch(len(rows), drop_remainder=True)
+
+
+def _array_dataset(images, labels, config, rows, flip: bool):
   """Shuffled epochs (a new order each epoch) over in-memory arrays."""
   def element(i):
     return {"x": images[i], "y": labels[i]}
 
-  ds = grain.MapDataset.source(np.arange(len(images)))
-  ds = ds[process_index::process_count].map(element)
+  ds = grain.MapDataset.source(np.arange(len(images))).map(element)
   ds = ds.shuffle(seed=config.data.shuffle_seed).repeat()
   if flip:
     ds = ds.random_map(_random_flip, seed=config.data.shuffle_seed + 1)
-  return ds.batch(local_batch, drop_remainder=True)
+  ds = augment.add_to_dataset(ds, config, seed=config.data.shuffle_seed + 2)
+  return _process_share(ds, rows, config.training.batch_size)
 
 
 def _random_flip(element, rng):
@@ -83,36 +108,42 @@ def tfds_source(name: str, split: str, data_dir: str):
                           download=False)
 
 
-def _tfds_dataset(config, local_batch, process_index, process_count):
+def _tfds_dataset(config, rows):
   source = tfds_source(config.data.name, "train", config.data.tfds_data_dir)
 
   def element(record):
     image = np.asarray(record["image"], np.float32) / 127.5 - 1.0
     return {"x": image, "y": np.int32(record["label"])}
 
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = grain.MapDataset.source(source)
   ds = ds.shuffle(seed=config.data.shuffle_seed).repeat().map(element)
   ds = ds.random_map(_random_flip, seed=config.data.shuffle_seed + 1)
-  return ds.batch(local_batch, drop_remainder=True)
+  ds = augment.add_to_dataset(ds, config, seed=config.data.shuffle_seed + 2)
+  return _process_share(ds, rows, config.training.batch_size)
 
 
-def make_train_iterator(config) -> grain.DatasetIterator:
-  """This host's iterator of its share of each global training batch."""
-  process_index, process_count = jax.process_index(), jax.process_count()
-  local_batch = config.training.batch_size // process_count
+def default_rows(batch_size: int) -> np.ndarray:
+  """Process p's rows when each host's devices hold one contiguous block."""
+  local = batch_size // jax.process_count()
+  return np.arange(local) + jax.process_index() * local
+
+
+def make_train_iterator(config, rows=None) -> grain.DatasetIterator:
+  """This host's iterator of its `rows` of each global training batch
+  (from `sharding.process_batch_rows`; default: `default_rows`)."""
+  if rows is None:
+    rows = default_rows(config.training.batch_size)
   kind = dataset_kind(config.data.name)
   if kind == "toy2d":
-    ds = _toy2d_dataset(config, local_batch, process_index)
+    ds = _toy2d_dataset(config, rows)
   elif kind == "digits":
     images, labels = digits.load("train")
-    ds = _array_dataset(images, labels, config, local_batch, process_index,
-                        process_count, flip=False)
+    ds = _array_dataset(images, labels, config, rows, flip=False)
   elif kind == "tfds":
-    ds = _tfds_dataset(config, local_batch, process_index, process_count)
-  else:
-    raise FileNotFoundError(
-        f"No reader for {config.data.name!r} latents yet: the ImageNet latent "
-        "preparation tool and its reader are not part of this build.")
+    ds = _tfds_dataset(config, rows)
+  else:  # VAE latents made by mf_jax.tools.prepare_latents
+    ds = latents.examples(config.data.latents_dir, config.data.shuffle_seed)
+    ds = _process_share(ds, rows, config.training.batch_size)
   return iter(ds.to_iter_dataset())
 
 

@@ -9,10 +9,12 @@ import jax.numpy as jnp
 
 from mf_jax.models import dit
 from mf_jax.models import mlp
+from mf_jax.models import unet
 from mf_jax.models.dit import DIT_VARIANTS, DiT
 from mf_jax.models.mlp import MLP
 
-_BUILDERS = {"dit": dit.from_config, "mlp": mlp.from_config}
+_BUILDERS = {"dit": dit.from_config, "mlp": mlp.from_config,
+             "unet": unet.from_config}
 
 
 def build_model(config):
@@ -27,7 +29,7 @@ def abstract_params(model, input_shape, batch_size: int = 1):
   """Parameter shapes (ShapeDtypeStruct tree), without allocating them.
 
   `input_shape` is one example's shape, without the batch axis: (H, W, C)
-  for the DiT, (D,) for the MLP.
+  for the DiT and the U-Net, (D,) for the MLP.
   """
   z = jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32)
   t = jax.ShapeDtypeStruct((batch_size,), jnp.float32)

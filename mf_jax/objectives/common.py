@@ -8,6 +8,26 @@ import jax
 import jax.numpy as jnp
 
 
+# Folded into the step's rng for the network's dropout: a fold, not one more
+# split, so objectives draw the same times and noise with or without it.
+_DROPOUT_STREAM = 0x0D0
+
+
+def model_extras(u_fn, batch, rng) -> dict:
+  """Keyword arguments a training call of u_fn takes beyond its six.
+
+  A backbone u_fn (`takes_rngs`, see training.state.make_u_fn) gets the
+  dropout rng; batches of augmented images add their 'augment_labels'.
+  Plain functions of (params, z, t, h, y, train) get nothing.
+  """
+  extras = {}
+  if getattr(u_fn, "takes_rngs", False):
+    extras["rngs"] = {"dropout": jax.random.fold_in(rng, _DROPOUT_STREAM)}
+  if "augment_labels" in batch:
+    extras["augment_labels"] = batch["augment_labels"]
+  return extras
+
+
 def broadcast_to(t_b: jax.Array, x: jax.Array) -> jax.Array:
   """Reshapes per-sample scalars (B,) to broadcast against x (B, ...)."""
   return t_b.reshape(t_b.shape + (1,) * (x.ndim - 1))

@@ -20,7 +20,8 @@ def loss(u_fn, params, batch, rng, config, num_classes):
   z, v = common.interpolate(x, jax.random.normal(rng_e, x.shape, x.dtype), t)
   y, _ = common.drop_labels(rng_drop, batch["y"], num_classes,
                             config.class_dropout)
-  u = u_fn(params, z, t, jnp.zeros_like(t), y, True)
+  u = u_fn(params, z, t, jnp.zeros_like(t), y, True,
+           **common.model_extras(u_fn, batch, rng))
   sq_error_b = common.per_sample_sq_error(u, v)
   value, weight_b = common.adaptive_weighted_loss(
       sq_error_b, config.adaptive_p, config.adaptive_eps)

@@ -30,16 +30,19 @@ def validate(config):
   parse_tangent(config.jvp_tangent)
 
 
-def prediction_and_target(u_fn, params, z, r, t, y, v, tangent=(0.0, 1.0)):
+def prediction_and_target(u_fn, params, z, r, t, y, v, tangent=(0.0, 1.0),
+                          **extras):
   """u(z, r, t) and the MeanFlow target sg(v - (t - r) du/dt).
 
   du/dt = v . d_z u + d_t u is the derivative along the trajectory through
   z with velocity v and r fixed: one `jax.jvp` whose tangents for (z, r, t)
   are (v, tangent[0], tangent[1]); (v, 0, 1) is the correct one. Since the
   network sees h = t - r, the derivative flows through both t and h.
+  `extras` (dropout rng, augmentation labels) go to u_fn unchanged: one
+  dropout mask serves the primal and the tangent.
   """
   def u_of(z, r, t):
-    return u_fn(params, z, t, t - r, y, True)
+    return u_fn(params, z, t, t - r, y, True, **extras)
 
   dr, dt = tangent
   ones = jnp.ones_like(t)
@@ -63,7 +66,8 @@ def loss(u_fn, params, batch, rng, config, num_classes):
   v_g = jnp.where(common.broadcast_to(dropped, v), v, v_g)
 
   u, u_target = prediction_and_target(
-      u_fn, params, z, r, t, y, v_g, parse_tangent(config.jvp_tangent))
+      u_fn, params, z, r, t, y, v_g, parse_tangent(config.jvp_tangent),
+      **common.model_extras(u_fn, batch, rng))
   sq_error_b = common.per_sample_sq_error(u, u_target)
   value, weight_b = common.adaptive_weighted_loss(
       sq_error_b, config.adaptive_p, config.adaptive_eps)

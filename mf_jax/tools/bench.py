@@ -50,6 +50,8 @@ def _random_batch(exp, batch_size, seed=0):
       "y": rng.integers(0, max(exp.config.model.num_classes, 1),
                         (batch_size,), np.int32)}
   shardings = exp.abstract_batch(batch_size)
+  for key, spec in shardings.items():  # e.g. augmentation labels: zeros
+    local.setdefault(key, np.zeros(spec.shape, spec.dtype))
   return {k: jax.device_put(v, shardings[k].sharding)
           for k, v in local.items()}
 

@@ -28,9 +28,16 @@ def ema_key(decay: float) -> str:
 
 
 def make_u_fn(model):
-  """The backbone as u_fn(params, z, t, h, y, train), all objectives use."""
-  def u_fn(params, z, t, h, y, train):
-    return model.apply({"params": params}, z, t, h, y, train=train)
+  """The backbone as u_fn(params, z, t, h, y, train), all objectives use.
+
+  It also takes `rngs` (e.g. {'dropout': key} for the U-Net's dropout in
+  training) and extra model inputs such as `augment_labels`; its attribute
+  `takes_rngs` tells objectives so (plain test fields take six arguments).
+  """
+  def u_fn(params, z, t, h, y, train, rngs=None, **extras):
+    return model.apply({"params": params}, z, t, h, y, train=train,
+                       rngs=rngs, **extras)
+  u_fn.takes_rngs = True
   return u_fn
 
 
@@ -91,7 +98,8 @@ def abstract_state(model, tx, config, mesh):
                            input_shape=model_input_shape(config.model),
                            ema_decays=config.training.ema_decays)
   shapes = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.tree_shardings(shapes, mesh)
+  shardings = sharding.tree_shardings(
+      shapes, mesh, config.mesh.get("fsdp_min_size", sharding.FSDP_MIN_SIZE))
   return init, shapes, shardings
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import periodic_actions
+from jax.experimental import multihost_utils
 
 from mf_jax import checkpointing
 from mf_jax import models
@@ -32,13 +33,15 @@ from mf_jax.training import writers
 class Experiment:
   """The pieces a config defines, built once and shared by every mode."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, devices=None):
+    """`devices` default to jax.devices(); the plan tool passes a TPU
+    topology's compile-only devices to compile for a slice it lacks."""
     self.config = config
     self.workdir = workdir
     # Cheap validation first: a bad name fails before any compilation.
     self.objective = objectives.validate(config.objective)
     pipeline.dataset_kind(config.data.name)
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_size(config.training.batch_size, self.mesh)
     self.model = models.build_model(config.model)
     self.u_fn = state_lib.make_u_fn(self.model)
@@ -65,12 +68,17 @@ class Experiment:
     """Shapes and shardings of a global batch, for ahead-of-time lowering."""
     batch_size = batch_size or self.config.training.batch_size
     batch_sharding = sharding.batch_sharding(self.mesh)
-    return {
+    batch = {
         "x": jax.ShapeDtypeStruct((batch_size, *self.input_shape),
                                   jnp.float32, sharding=batch_sharding),
         "y": jax.ShapeDtypeStruct((batch_size,), jnp.int32,
                                   sharding=batch_sharding),
     }
+    augment_dim = self.config.model.get("augment_dim", 0)
+    if augment_dim:  # the pipeline adds EDM augmentation labels for it
+      batch["augment_labels"] = jax.ShapeDtypeStruct(
+          (batch_size, augment_dim), jnp.float32, sharding=batch_sharding)
+    return batch
 
   def lower_train_step(self, batch_size=None):
     """The train step lowered from abstract shapes: nothing is allocated."""
@@ -138,26 +146,59 @@ def save_sample_grid(exp: Experiment, state, step: int, evaluator,
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so it can save and exit."""
+  """Decides when to save and exit early, at the same step on every host.
+
+  One process: SIGTERM sets a flag the loop reads after each step.
+
+  Several processes: `jax.distributed.initialize` starts JAX's preemption
+  sync manager, which catches SIGTERM itself (so no Python handler is
+  installed: it would replace the manager's), passes the notice through the
+  coordination service to every host, and fixes one step for all of them
+  (the largest step any host has reached, plus one). Asking
+  `reached_preemption_sync_point(step)` every step is a local check: no
+  device work and no host round trip until a notice arrives. It works on
+  CPU (gloo) as on TPU and GPU. If the service is switched off
+  (jax_enable_preemption_service=False), each host's SIGTERM flag is
+  gathered from all hosts every step instead, a small collective per step.
+  """
 
   def __init__(self):
-    self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+    self._flag = False
+    self._multi_host = jax.process_count() > 1
+    self._sync_manager = self._multi_host and (
+        jax.config.jax_enable_preemption_service)
+    if not self._sync_manager:
+      signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self._flag = True
+
+  def stop_at(self, step: int) -> bool:
+    """Whether to save at `step` and stop; call it once for every step."""
+    if self._sync_manager:
+      return multihost_utils.reached_preemption_sync_point(step)
+    if self._multi_host:
+      flags = multihost_utils.process_allgather(np.int32(self._flag))
+      return bool(np.any(flags))
+    return self._flag
 
 
 def train_and_evaluate(config, workdir: str):
   """Trains (resuming if possible) and returns the last eval results."""
   exp = Experiment(config, workdir)
-  data_iterator = pipeline.make_train_iterator(config)
+  # The run's config beside its checkpoints, so tools (export) rebuild it.
+  _write_json(os.path.join(workdir, "config.json"),
+              json.loads(config.to_json_best_effort()))
+  data_iterator = pipeline.make_train_iterator(
+      config, sharding.process_batch_rows(exp.mesh, config.training.batch_size))
   state, start_step = exp.restore(data_iterator)
   if state is None:
     state, start_step = exp.new_state(), 0
   else:
     logging.info("Resumed from step %d.", start_step)
+  if jax.process_count() > 1:  # e.g. a host that could not read the latest
+    multihost_utils.assert_equal(start_step, "Hosts resumed different steps.")
   rng = jax.random.key(config.training.seed)
   train_step = exp.jit_train_step()
   batch_sharding = sharding.batch_sharding(exp.mesh)
@@ -192,10 +233,10 @@ def train_and_evaluate(config, workdir: str):
     if every(config.eval.every_steps, step):
       results = evaluate(exp, state, step, evaluator)
       writer.write_scalars(step, results)
-    if every(config.checkpoint.every_steps, step) or preemption.requested:
-      exp.checkpointer.save(step, state, data_iterator,
-                            force=preemption.requested)
-    if preemption.requested:
+    stop = preemption.stop_at(step)
+    if every(config.checkpoint.every_steps, step) or stop:
+      exp.checkpointer.save(step, state, data_iterator, force=stop)
+    if stop:
       logging.warning("SIGTERM: saved step %d, exiting.", step)
       break
   exp.checkpointer.wait()

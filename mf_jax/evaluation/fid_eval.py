@@ -1,0 +1,315 @@
+"""FID-50K and Inception Score of a trained run, as papers report them.
+
+`evaluate_fid` restores a run's evaluation (EMA) parameters, draws
+`num_samples` class-balanced samples over all devices (label of sample i is
+i mod num_classes: exactly 50 per class for 50k ImageNet samples), decodes
+latents with the VAE when the model works in latent space, quantises to
+uint8 (what a saved sample batch holds, so scores match an exported npz),
+and feeds the FID Inception network batch by batch. Only pool3 statistics
+(float64 running sums) and the logits stay on the host; images are kept
+only while they are written to the optional ADM-style npz.
+
+Everything runs on every process (the same jitted programs on global
+arrays); process 0 alone writes files.
+"""
+
+import functools
+import hashlib
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from mf_jax import objectives
+from mf_jax import samplers
+from mf_jax import sharding
+from mf_jax.data import pipeline
+from mf_jax.evaluation import fid
+from mf_jax.evaluation import inception
+from mf_jax.evaluation import npz_export
+from mf_jax.training import trainer
+
+
+def balanced_labels(start, batch: int, num_classes: int) -> jax.Array:
+  """Labels of samples start .. start + batch - 1: index mod num_classes."""
+  if num_classes == 0:
+    return jnp.zeros((batch,), jnp.int32)
+  return ((start + jnp.arange(batch)) % num_classes).astype(jnp.int32)
+
+
+def is_latent(config) -> bool:
+  return pipeline.dataset_kind(config.data.name) == "latents"
+
+
+def load_decoder(vae_path: str):
+  """(decode_fn(vae_params, latents) -> images in [-1, 1], vae_params).
+
+  The VAE module is imported here, not at the top: pixel-space evaluation
+  must not depend on it. Latents are stored times LATENT_SCALE (0.18215),
+  so they are divided by it before decoding.
+  """
+  from mf_jax.models import vae  # pylint: disable=g-import-not-at-top
+  module, params = vae.load_vae(vae_path)
+
+  def decode(vae_params, latents):
+    return vae.decode(module, vae_params, latents / vae.LATENT_SCALE)
+
+  return decode, params
+
+
+def make_image_fn(exp, nfe: int, batch: int, decode=None):
+  """Jitted (params, vae_params, rng, start) -> (uint8 images, labels)."""
+  config = exp.config
+  sampler = samplers.SAMPLERS[objectives.get(config.objective.name).SAMPLER]
+  batch_sharding = sharding.batch_sharding(exp.mesh)
+
+  def image_fn(params, vae_params, rng, start):
+    labels = jax.lax.with_sharding_constraint(
+        balanced_labels(start, batch, config.model.num_classes),
+        batch_sharding)
+    noise = jax.lax.with_sharding_constraint(
+        jax.random.normal(rng, (batch, *exp.input_shape)), batch_sharding)
+    x = sampler(exp.u_fn, params, noise, labels,
+                samplers.uniform_timesteps(nfe))
+    if decode is not None:
+      x = jax.lax.with_sharding_constraint(decode(vae_params, x),
+                                           batch_sharding)
+    return npz_export.to_uint8(x, xp=jnp), labels
+
+  return jax.jit(image_fn)
+
+
+@functools.lru_cache(maxsize=4)
+def make_feature_fn(module, size: int = inception.INPUT_SIZE):
+  """Jitted (inception_params, uint8 images) -> (pool3, logits).
+
+  Cached, so that reference and sample batches of one shape (and repeated
+  evaluations) compile the network once.
+  """
+  return jax.jit(
+      lambda params, images: inception.features_and_logits(
+          module, params, images, size))
+
+
+def _gather(x) -> np.ndarray:
+  """A global (possibly multi-process) array as numpy on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _global_batch(host_batch: np.ndarray, mesh) -> jax.Array:
+  """A batch every process holds in full -> a batch-sharded global array."""
+  return jax.make_array_from_callback(
+      host_batch.shape, sharding.batch_sharding(mesh),
+      lambda index: host_batch[index])
+
+
+def stats_from_batches(feature_fn, inception_params, batches, mesh,
+                       batch_size: int, total: int | None = None):
+  """(RunningStats, logits) of uint8 NHWC numpy batches, e.g. a dataset.
+
+  Batches are padded to `batch_size` (a multiple of the device count) so
+  one compiled program serves them all; the padding is dropped again.
+  """
+  stats, logits = fid.RunningStats(inception.FEATURE_DIM), []
+  progress = tqdm(total=total, unit="img", desc="reference",
+                  disable=jax.process_index() != 0)
+  for batch in batches:
+    count = len(batch)
+    padded = np.resize(batch, (batch_size, *batch.shape[1:]))
+    pool3, batch_logits = feature_fn(inception_params,
+                                     _global_batch(padded, mesh))
+    stats.update(_gather(pool3)[:count])
+    logits.append(_gather(batch_logits)[:count])
+    progress.update(count)
+  progress.close()
+  return stats, np.concatenate(logits)
+
+
+def reference_stats_from_npz(images_npz: str, inception_path: str,
+                             out_path: str, batch_size: int = 200,
+                             mesh=None) -> dict:
+  """Statistics of the images `arr_0` of an npz, written as an npz (mu, sigma).
+
+  E.g. ADM's reference batch, or a dump of a dataset's images: the same
+  Inception, resize and float64 statistics as the samples get.
+  """
+  mesh = mesh or sharding.make_mesh(
+      ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
+  batch_size = _round_up(batch_size, mesh.size)
+  module, params = inception.load_inception(inception_path)
+  params = jax.device_put(params, sharding.replicated(mesh))
+  stats, _ = stats_from_batches(
+      make_feature_fn(module), params,
+      npz_export.iterate_npz(images_npz, batch_size), mesh, batch_size,
+      total=npz_export.num_images(images_npz))
+  if jax.process_index() == 0:
+    fid.save_stats(out_path, stats.mean, stats.cov,
+                   num_images=np.int64(stats.count))
+  return {"ref_stats": out_path, "num_images": stats.count,
+          "images": images_npz}
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _file_digest(path: str | None) -> str | None:
+  """Short sha256 of a weight file, so a result names its exact weights."""
+  if not path or not os.path.isfile(path):
+    return None
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()[:16]
+
+
+def _reference(ref_stats_path, feature_fn, inception_params, mesh, batch):
+  """(mu, sigma): stored statistics, else those of the file's images."""
+  if fid.has_stats(ref_stats_path):
+    return fid.load_stats(ref_stats_path)
+  logging.info("%s holds no mu/sigma: computing them from its images.",
+               ref_stats_path)
+  stats, _ = stats_from_batches(
+      feature_fn, inception_params,
+      npz_export.iterate_npz(ref_stats_path, batch), mesh, batch,
+      total=npz_export.num_images(ref_stats_path))
+  return stats.mean, stats.cov
+
+
+def write_json(path: str, record: dict):
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(record, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def evaluate_fid(config, workdir: str, *, step: int | None = None,
+                 **kwargs) -> dict:
+  """Scores a checkpoint's eval (EMA) parameters; see `score_params`.
+
+  Writes and returns WORKDIR/eval/fid_<step>.json.
+  """
+  exp = trainer.Experiment(config, workdir)
+  _check_vae(config, kwargs.get("vae_path"))
+  state, step = exp.restore(step=step)
+  if state is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
+  try:
+    return score_params(exp, exp.eval_params(state), step, **kwargs)
+  finally:
+    exp.checkpointer.close()
+
+
+def _check_vae(config, vae_path):
+  if is_latent(config) and not vae_path:
+    raise ValueError(f"data.name={config.data.name!r} is a latent dataset: "
+                     "pass the VAE weights (--vae=FILE) to decode samples.")
+
+
+def score_params(exp, params, step: int, *, inception_path: str,
+                 ref_stats_path: str, num_samples: int = 50_000, nfe: int = 1,
+                 vae_path: str | None = None, npz_out: str | None = None,
+                 batch_size: int | None = None, seed: int = 0,
+                 num_splits: int = 10, stats_out: str | None = None,
+                 inception_size: int = inception.INPUT_SIZE) -> dict:
+  """FID and IS of `num_samples` samples of `params` at `nfe` steps.
+
+  `npz_out` optionally exports the samples (ADM layout), `stats_out` their
+  (mu, sigma), to compare runs later without sampling again.
+  `inception_size` is 299 for real FID; tests shrink it to run fast.
+  """
+  _check_vae(exp.config, vae_path)
+  batch = batch_size or exp.config.eval.batch_size
+  sharding.check_batch_size(batch, exp.mesh, "FID batch size")
+  replicated = sharding.replicated(exp.mesh)
+  decode, vae_params = None, None
+  if is_latent(exp.config):
+    decode, vae_params = load_decoder(vae_path)
+    vae_params = jax.device_put(vae_params, replicated)
+  module, inception_params = inception.load_inception(inception_path)
+  inception_params = jax.device_put(inception_params, replicated)
+  feature_fn = make_feature_fn(module, inception_size)
+  ref_mu, ref_sigma = _reference(ref_stats_path, feature_fn, inception_params,
+                                 exp.mesh, batch)
+
+  image_fn = make_image_fn(exp, nfe, batch, decode)
+  batches = _sample_batches(image_fn, params, vae_params, num_samples, batch,
+                            seed, desc=f"FID nfe={nfe}")
+  stats, logits = _score_batches(batches, feature_fn, inception_params,
+                                 num_samples, npz_out)
+  if stats_out and jax.process_index() == 0:
+    fid.save_stats(stats_out, stats.mean, stats.cov,
+                   num_images=np.int64(stats.count))
+  is_mean, is_std = fid.inception_score(logits, num_splits)
+  record = {
+      "step": int(step), "nfe": nfe, "num_samples": stats.count,
+      "fid": fid.frechet_distance(stats.mean, stats.cov, ref_mu, ref_sigma),
+      "inception_score": is_mean, "inception_score_std": is_std,
+      "is_splits": num_splits, "labels": "balanced (i mod num_classes)",
+      "seed": seed, "uint8": "floor(127.5 x + 128)",
+      "inception": os.path.abspath(inception_path),
+      "inception_sha256": _file_digest(inception_path),
+      "inception_size": inception_size,
+      "ref_stats": os.path.abspath(ref_stats_path),
+      "ref_mu_sha256": hashlib.sha256(
+          np.asarray(ref_mu, np.float64).tobytes()).hexdigest()[:16],
+      "vae": os.path.abspath(vae_path) if vae_path else None,
+      "vae_sha256": _file_digest(vae_path),
+      "npz": os.path.abspath(npz_out) if npz_out else None,
+      "sample_stats": os.path.abspath(stats_out) if stats_out else None,
+  }
+  record["json"] = os.path.join(exp.workdir, "eval", f"fid_{step}.json")
+  write_json(record["json"], record)
+  return record
+
+
+def _sample_batches(image_fn, params, vae_params, num_samples, batch, seed,
+                    desc):
+  """Yields (uint8 images, labels, count) on the devices, batch by batch.
+
+  Batch i uses noise key fold_in(key(seed), i) and the labels of samples
+  i * batch ...; the last batch is full size, of which `count` are kept.
+  """
+  rng = jax.random.key(seed)
+  for i in tqdm(range(math.ceil(num_samples / batch)), desc=desc,
+                unit="batch", disable=jax.process_index() != 0):
+    images, labels = image_fn(params, vae_params, jax.random.fold_in(rng, i),
+                              jnp.int32(i * batch))
+    yield images, labels, min(batch, num_samples - i * batch)
+
+
+def _score_batches(batches, feature_fn, inception_params, num_samples,
+                   npz_out):
+  """Running pool3 statistics and all logits; optionally exports images."""
+  stats, logits, writer = fid.RunningStats(inception.FEATURE_DIM), [], None
+  try:
+    for images, labels, count in batches:
+      pool3, batch_logits = feature_fn(inception_params, images)
+      stats.update(_gather(pool3)[:count])
+      logits.append(_gather(batch_logits)[:count])
+      if not npz_out:
+        continue
+      host_images, host_labels = _gather(images), _gather(labels)
+      if jax.process_index() == 0:
+        if writer is None:
+          writer = npz_export.NpzWriter(npz_out, num_samples,
+                                        host_images.shape[1:])
+        writer.write(host_images[:count], host_labels[:count])
+  except BaseException:
+    if writer is not None:
+      writer.abort()
+    raise
+  if writer is not None:
+    writer.close()
+  return stats, np.concatenate(logits)

@@ -1,0 +1,91 @@
+r"""FID-50K and Inception Score of a run's checkpoint, with local weights only.
+
+  python -m mf_jax.tools.fid --config=configs/imagenet256_b4.py --workdir=DIR \
+      --inception=pt_inception-2015-12-05-6726825d.pth \
+      --ref_stats=VIRTUAL_imagenet256_labeled.npz --vae=VAE_WEIGHTS \
+      [--step=N] [--nfe=1] [--num_samples=50000] [--npz_out=samples.npz]
+
+Writes DIR/eval/fid_<step>.json (FID, IS, and which Inception, reference
+statistics, VAE and sample count produced them) and prints it. --inception
+takes pytorch-fid's .pth (needs torch) or its .npz/.safetensors conversion:
+
+  python -c "from mf_jax.evaluation import inception; \
+      inception.convert_weights('pt_inception-2015-12-05-6726825d.pth', \
+      'inception_fid.npz')"
+
+--ref_stats is an npz with mu/sigma (ADM reference batch, pytorch-fid or the
+official MeanFlow code's ref_mu/ref_sigma); one holding only images `arr_0`
+gets its statistics computed. To compute and save reference statistics from
+an npz of uint8 images once (no checkpoint needed):
+
+  python -m mf_jax.tools.fid --compute_ref_from=IMAGES.npz \
+      --inception=inception_fid.npz --ref_stats=OUT_STATS.npz
+"""
+
+import json
+import os
+
+import jax
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from mf_jax.evaluation import fid_eval
+
+
+def run(config, flag_values) -> dict:
+  """The tool's work for parsed flag values (a namespace with flag names)."""
+  f = flag_values
+  if f.compute_ref_from:
+    return fid_eval.reference_stats_from_npz(
+        f.compute_ref_from, f.inception, f.ref_stats,
+        batch_size=f.batch_size or 200)
+  if config is None or not f.workdir:
+    raise app.UsageError("--config and --workdir are required (or use "
+                         "--compute_ref_from).")
+  return fid_eval.evaluate_fid(
+      config, f.workdir, inception_path=f.inception,
+      ref_stats_path=f.ref_stats, step=f.step, num_samples=f.num_samples,
+      nfe=f.nfe, vae_path=f.vae, npz_out=f.npz_out,
+      batch_size=f.batch_size, seed=f.seed, stats_out=f.stats_out)
+
+
+def _multi_host_requested() -> bool:
+  """As in mf_jax.main: cluster environments announce several processes."""
+  return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or bool(
+      os.environ.get("JAX_COORDINATOR_ADDRESS"))
+
+
+def main(argv):
+  del argv
+  if _multi_host_requested():
+    jax.distributed.initialize()
+  result = run(_CONFIG.value, flags.FLAGS)
+  if jax.process_index() == 0:
+    print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+  # Flags are defined here so that the module imports cleanly in tests.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
+                                            lock_config=True)
+  flags.DEFINE_string("workdir", None, "The run's directory.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_integer("num_samples", 50_000, "Samples to score.")
+  flags.DEFINE_integer("nfe", 1, "Sampling steps.")
+  flags.DEFINE_string("inception", None, "pytorch-fid Inception weights "
+                      "(.pth, or .npz/.safetensors from convert_weights).")
+  flags.DEFINE_string("ref_stats", None, "Reference statistics npz (mu, "
+                      "sigma), or images arr_0 to compute them from.")
+  flags.DEFINE_string("vae", None, "VAE weights, for latent-space models.")
+  flags.DEFINE_string("npz_out", None, "Optional ADM-style sample npz "
+                      "(uint8 arr_0, labels arr_1).")
+  flags.DEFINE_string("stats_out", None, "Optional npz for the samples' "
+                      "mu/sigma.")
+  flags.DEFINE_integer("batch_size", None, "Global batch (default: "
+                       "config.eval.batch_size).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_string("compute_ref_from", None, "Images npz: write its "
+                      "statistics to --ref_stats and exit.")
+  flags.mark_flags_as_required(["inception", "ref_stats"])
+  app.run(main)
