@@ -20,22 +20,11 @@ from mf_jax import config_lib
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, objective="meanflow", fraction_r_neq_t=0.25,
                              dropout=0.0, augment_p=0.0)
-  c = config_lib.base_config()
+  c = config_lib.digits_config(arg.objective, arg.fraction_r_neq_t)
   c.model.update(
-      name="unet", variant="", input_size=8, in_channels=1, num_classes=10,
-      model_channels=32, channel_mult=(1, 2), channel_mult_emb=4,
-      channel_mult_noise=2, num_blocks=1, attn_resolutions=(4,),
-      resample_filter=(1, 3, 3, 1), dropout=arg.dropout,
-      augment_dim=6 if arg.augment_p > 0 else 0)
-  c.objective.update(name=arg.objective, fraction_r_neq_t=arg.fraction_r_neq_t)
-  if arg.objective == "flow_matching":
-    c.objective.adaptive_p = 0.0
-  c.data.update(name="digits", augment_p=arg.augment_p)
-  c.optimizer.update(lr=1e-3, b2=0.99, warmup_steps=200)
-  c.training.update(num_steps=6000, batch_size=128, log_every_steps=200,
-                    ema_decays=(0.999,))
-  c.checkpoint.every_steps = 1000
-  c.eval.update(every_steps=2000, nfe=(1, 2), num_samples=1000,
-                batch_size=500)
-  c.sample.update(every_steps=2000, nfe=1)
+      name="unet", variant="", model_channels=32, channel_mult=(1, 2),
+      channel_mult_emb=4, channel_mult_noise=2, num_blocks=1,
+      attn_resolutions=(4,), resample_filter=(1, 3, 3, 1),
+      dropout=arg.dropout, augment_dim=6 if arg.augment_p > 0 else 0)
+  c.data.augment_p = arg.augment_p
   return c

@@ -16,7 +16,7 @@ a pod is rented; its FID is of course far from the paper's.
   python -m mf_jax.tools.fid --config=configs/imagenet256_trial.py --workdir=/tmp/trial \
       --inception=pt_inception-2015-12-05-6726825d.pth \
       --ref_stats=VIRTUAL_imagenet256_labeled.npz --vae=sd-vae-ft-mse/ \
-      --num_samples=500 --batch_size=50
+      --num_samples=512 --batch_size=64
 
 Argument keys: variant (a DiT size, e.g. S/4 or B/4), num_steps.
 """
@@ -33,6 +33,6 @@ def get_config(arg=None):
   c.training.update(num_steps=arg.num_steps, batch_size=32,
                     log_every_steps=20, ema_decays=(0.99,))
   c.checkpoint.every_steps = 100
-  c.eval.update(every_steps=0, num_samples=500, batch_size=50)
+  c.eval.update(every_steps=0, num_samples=512, batch_size=64)
   c.sample.update(every_steps=200, grid_size=4)
   return c

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,18 +19,6 @@ from mf_jax.evaluation import npz_export
 # ------------------------------------------------------ Inception vs torch
 
 
-def _import_torchvision():
-  """torchvision, imported so that it cannot crash the test process.
-
-  torchvision.ops imports torch._dynamo, which imports triton when it is
-  installed, and triton's native library segfaults when loaded after
-  TensorFlow (which clu's metric writers import). CPU tests never use
-  triton, so it is hidden; torch then reports it as absent.
-  """
-  sys.modules.setdefault("triton", None)
-  return pytest.importorskip("torchvision")
-
-
 def _random_torch_fid_inception(torch, seed=0):
   """pytorch-fid's FID InceptionV3 with random weights and no download.
 
@@ -42,7 +29,7 @@ def _random_torch_fid_inception(torch, seed=0):
   input's signal shrinks ~0.4x per layer and pool3 ends up the same for
   every image, which would make a parity test blind to most of the net.
   """
-  torchvision = _import_torchvision()
+  torchvision = pytest.importorskip("torchvision")
   from pytorch_fid import inception as pfi  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   net = torchvision.models.inception_v3(
@@ -118,7 +105,7 @@ def test_inception_matches_pytorch_fid(tmp_path):
   the float64 result at the ~1e-4 a float32 network can promise.
   """
   torch = pytest.importorskip("torch")
-  _import_torchvision()
+  pytest.importorskip("torchvision")
   pfi = pytest.importorskip("pytorch_fid.inception")
   net = _random_torch_fid_inception(torch)
   images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3),
@@ -272,26 +259,6 @@ def test_npz_writer_round_trip(tmp_path):
 # -------------------------------------------------------------- the driver
 
 
-def _random_params(module, size):
-  """He-scaled random Inception weights drawn in numpy (a jitted
-  module.init of 24M parameters takes minutes to compile on a small CPU)."""
-  rng = np.random.default_rng(0)
-  shapes = jax.eval_shape(module.init, jax.random.key(0),
-                          jnp.zeros((1, size, size, 3)))["params"]
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == "kernel":
-      fan_in = np.prod(leaf.shape[:-1])
-      return rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in)
-    if name in ("scale", "var"):
-      return np.ones(leaf.shape)
-    return np.zeros(leaf.shape)
-
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: draw(path, leaf).astype(np.float32), shapes)
-
-
 def test_score_params_end_to_end(tmp_path):
   """Digits DiT -> samples -> features -> FID/IS JSON, npz and statistics.
 
@@ -310,7 +277,7 @@ def test_score_params_end_to_end(tmp_path):
       exp.abstract_state.params)
 
   size, module = 75, inception.FIDInceptionV3()
-  params = _random_params(module, size)
+  params = inception.random_params(module, size)
   weights = inception.save_weights(params, str(tmp_path / "inception.npz"))
   ref_images = np.random.default_rng(3).integers(0, 256, (24, 8, 8, 1),
                                                  dtype=np.uint8)
@@ -361,29 +328,9 @@ def test_evaluate_fid_needs_a_checkpoint(tmp_path):
                           inception_path="unused", ref_stats_path="unused")
 
 
-def test_latent_models_decode_with_the_vae(monkeypatch):
-  """Latents are divided by LATENT_SCALE before the VAE decodes them, and a
-  latent config without VAE weights fails before any work."""
-  import types  # pylint: disable=g-import-not-at-top
+def test_latent_configs_need_the_vae():
+  """A latent config without VAE weights fails before any work."""
   from configs import imagenet256_b4  # pylint: disable=g-import-not-at-top
-  from mf_jax import models  # pylint: disable=g-import-not-at-top
-  seen = {}
-  fake = types.ModuleType("mf_jax.models.vae")
-  fake.LATENT_SCALE = 0.18215
-  fake.load_vae = lambda path: (f"module:{path}", {"w": 2.0})
-
-  def decode(module, params, latents):
-    seen["module"] = module
-    return latents * params["w"]
-
-  fake.decode = decode
-  monkeypatch.setitem(sys.modules, "mf_jax.models.vae", fake)
-  monkeypatch.setattr(models, "vae", fake, raising=False)
-  decode_fn, params = fid_eval.load_decoder("vae.safetensors")
-  out = decode_fn(params, np.full((1, 2, 2, 4), 0.18215))
-  np.testing.assert_allclose(out, 2.0)
-  assert seen["module"] == "module:vae.safetensors"
-
   config = imagenet256_b4.get_config()
   assert fid_eval.is_latent(config)
   with pytest.raises(ValueError, match="--vae"):

@@ -11,12 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import imagenet256_trial
 from mf_jax import config_lib
 from mf_jax.data import imagenet
 from mf_jax.data import latents
 from mf_jax.data import pipeline
+from mf_jax.evaluation import fid_eval
+from mf_jax.evaluation import inception
+from mf_jax.evaluation import npz_export
 from mf_jax.models import vae
 from mf_jax.tools import prepare_latents
+from mf_jax.training import trainer
 
 SIZES = {"n01": [(300, 280), (280, 300), (600, 540)],
          "n02": [(257, 256), (300, 280), (320, 300)]}  # PIL (width, height)
@@ -170,3 +175,50 @@ def test_record_round_trip(dtype):
       latents.encode_record(917, moments), (4, 4, 3), dtype)
   assert label == 917 and back.dtype == np.dtype(dtype)
   np.testing.assert_array_equal(back, moments)
+
+
+def test_trial_config_runs_end_to_end(prepared, tmp_path):
+  """configs/imagenet256_trial.py on prepared latents: trains, writes sample
+  grids decoded by the VAE, and scores FID/IS through that VAE.
+
+  A tiny DiT, the fixture's tiny VAE and a random Inception at 75x75 keep it
+  fast; the chain is the one a real trial runs.
+  """
+  root, weights, out, _, module, vae_params = prepared
+  # Scaled latents decode as the VAE decodes latents / 0.18215.
+  decode_fn, loaded = vae.load_latent_decoder(weights)
+  latent = np.random.default_rng(0).normal(size=(1, 32, 32, 4)).astype(
+      np.float32)
+  np.testing.assert_allclose(
+      decode_fn(loaded, latent * vae.LATENT_SCALE),
+      vae.decode(module, vae_params, latent), rtol=1e-5, atol=1e-5)
+
+  c = imagenet256_trial.get_config("num_steps=4")
+  c.model.update(variant="", hidden_size=32, depth=1, num_heads=2,
+                 patch_size=4)
+  c.data.latents_dir = out
+  c.training.batch_size = 8
+  c.checkpoint.update(every_steps=4, async_save=False)
+  c.sample.update(every_steps=4, grid_size=2, vae=weights)
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(c, workdir)
+  grid = np.asarray(Image.open(os.path.join(workdir, "samples",
+                                            "4_nfe1.png")))
+  assert grid.shape == (2 * 258, 2 * 258, 3)  # 256x256 RGB, 1-pixel frames
+  assert grid.std() > 1.0
+
+  size, net = 75, inception.FIDInceptionV3()
+  inception_file = inception.save_weights(
+      inception.random_params(net, size), str(tmp_path / "inception.npz"))
+  ref = str(tmp_path / "ref.npz")
+  npz_export.save_npz(ref, np.stack([
+      _adm_crop(root / "train" / name / f"img{i}.png")
+      for name, sizes in SIZES.items() for i in range(len(sizes))]))
+  record = fid_eval.evaluate_fid(
+      c, workdir, inception_path=inception_file, ref_stats_path=ref,
+      num_samples=8, nfe=1, vae_path=weights, batch_size=8,
+      inception_size=size, num_splits=2)
+  assert record["step"] == 4 and record["num_samples"] == 8
+  assert record["vae"] == os.path.abspath(weights) and record["vae_sha256"]
+  assert np.isfinite(record["fid"]) and record["fid"] > 0
+  assert record["inception_score"] >= 1.0

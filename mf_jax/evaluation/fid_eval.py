@@ -15,7 +15,6 @@ arrays); process 0 alone writes files.
 
 import functools
 import hashlib
-import json
 import math
 import os
 
@@ -34,6 +33,7 @@ from mf_jax.data import pipeline
 from mf_jax.evaluation import fid
 from mf_jax.evaluation import inception
 from mf_jax.evaluation import npz_export
+from mf_jax.models import vae
 from mf_jax.training import trainer
 
 
@@ -46,22 +46,6 @@ def balanced_labels(start, batch: int, num_classes: int) -> jax.Array:
 
 def is_latent(config) -> bool:
   return pipeline.dataset_kind(config.data.name) == "latents"
-
-
-def load_decoder(vae_path: str):
-  """(decode_fn(vae_params, latents) -> images in [-1, 1], vae_params).
-
-  The VAE module is imported here, not at the top: pixel-space evaluation
-  must not depend on it. Latents are stored times LATENT_SCALE (0.18215),
-  so they are divided by it before decoding.
-  """
-  from mf_jax.models import vae  # pylint: disable=g-import-not-at-top
-  module, params = vae.load_vae(vae_path)
-
-  def decode(vae_params, latents):
-    return vae.decode(module, vae_params, latents / vae.LATENT_SCALE)
-
-  return decode, params
 
 
 def make_image_fn(exp, nfe: int, batch: int, decode=None):
@@ -186,14 +170,6 @@ def _reference(ref_stats_path, feature_fn, inception_params, mesh, batch):
   return stats.mean, stats.cov
 
 
-def write_json(path: str, record: dict):
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
-
-
 def evaluate_fid(config, workdir: str, *, step: int | None = None,
                  **kwargs) -> dict:
   """Scores a checkpoint's eval (EMA) parameters; see `score_params`.
@@ -235,7 +211,7 @@ def score_params(exp, params, step: int, *, inception_path: str,
   replicated = sharding.replicated(exp.mesh)
   decode, vae_params = None, None
   if is_latent(exp.config):
-    decode, vae_params = load_decoder(vae_path)
+    decode, vae_params = vae.load_latent_decoder(vae_path)
     vae_params = jax.device_put(vae_params, replicated)
   module, inception_params = inception.load_inception(inception_path)
   inception_params = jax.device_put(inception_params, replicated)
@@ -270,7 +246,7 @@ def score_params(exp, params, step: int, *, inception_path: str,
       "sample_stats": os.path.abspath(stats_out) if stats_out else None,
   }
   record["json"] = os.path.join(exp.workdir, "eval", f"fid_{step}.json")
-  write_json(record["json"], record)
+  trainer.write_json(record["json"], record)
   return record
 
 

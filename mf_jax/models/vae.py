@@ -16,6 +16,7 @@ Public interface (the data tools and the FID driver use these):
   load_vae(path) -> (module, params)
   encode(module, params, images) -> (mean, std)     unscaled latents
   decode(module, params, latents) -> images in [-1, 1]
+  load_latent_decoder(path) -> (decode_fn, params)   for scaled latents
   save_vae(path, params, module)                     diffusers-format file
   LATENT_SCALE = 0.18215                             applied by the data reader
 """
@@ -141,19 +142,21 @@ class Encoder(nn.Module):
     chans = self.block_out_channels
     x = _conv(chans[0], 3, "conv_in", self.dtype)(x)
     for i, features in enumerate(chans):
-      x = _DownBlock(features, self.layers_per_block, self.groups,
-                     i < len(chans) - 1, self.dtype, name=f"down_blocks_{i}")(x)
+      x = _Level(features, self.layers_per_block, self.groups,
+                 "down" if i < len(chans) - 1 else None, self.dtype,
+                 name=f"down_blocks_{i}")(x)
     x = MidBlock(self.groups, self.add_attention, self.dtype,
                  name="mid_block")(x)
     x = nn.silu(_norm(self.groups, "conv_norm_out")(x))
     return _conv(self.out_features, 3, "conv_out", self.dtype)(x)
 
 
-class _DownBlock(nn.Module):
+class _Level(nn.Module):
+  """One resolution level: resnets, then a down- or upsampler (or none)."""
   features: int
   num_layers: int
   groups: int
-  downsample: bool
+  resample: str | None  # "down", "up" or None (the last level)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -161,8 +164,10 @@ class _DownBlock(nn.Module):
     for j in range(self.num_layers):
       x = ResnetBlock(self.features, self.groups, self.dtype,
                       name=f"resnets_{j}")(x)
-    if self.downsample:
+    if self.resample == "down":
       x = Downsample(self.dtype, name="downsamplers_0")(x)
+    elif self.resample == "up":
+      x = Upsample(self.dtype, name="upsamplers_0")(x)
     return x
 
 
@@ -182,27 +187,11 @@ class Decoder(nn.Module):
                  name="mid_block")(x)
     for i, features in enumerate(chans):
       # The decoder has one resnet more per level than the encoder.
-      x = _UpBlock(features, self.layers_per_block + 1, self.groups,
-                   i < len(chans) - 1, self.dtype, name=f"up_blocks_{i}")(x)
+      x = _Level(features, self.layers_per_block + 1, self.groups,
+                 "up" if i < len(chans) - 1 else None, self.dtype,
+                 name=f"up_blocks_{i}")(x)
     x = nn.silu(_norm(self.groups, "conv_norm_out")(x))
     return _conv(self.out_features, 3, "conv_out", self.dtype)(x)
-
-
-class _UpBlock(nn.Module):
-  features: int
-  num_layers: int
-  groups: int
-  upsample: bool
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    for j in range(self.num_layers):
-      x = ResnetBlock(self.features, self.groups, self.dtype,
-                      name=f"resnets_{j}")(x)
-    if self.upsample:
-      x = Upsample(self.dtype, name="upsamplers_0")(x)
-    return x
 
 
 class AutoencoderKL(nn.Module):
@@ -368,6 +357,18 @@ def load_vae(path: str, dtype=jnp.float32):
   with safe_open(weights, framework="flax") as f:
     state = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
   return module, from_diffusers(state, module)
+
+
+def load_latent_decoder(path: str):
+  """(decode_fn(params, latents) -> images in [-1, 1], params) for latents
+  as training sees them: stored times LATENT_SCALE, so divided by it here.
+  Works inside jit (sample grids, the FID driver) and outside."""
+  module, params = load_vae(path)
+
+  def decode_fn(vae_params, latents):
+    return decode(module, vae_params, latents / LATENT_SCALE)
+
+  return decode_fn, params
 
 
 def _flax_path(key: str) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from mf_jax import sharding
 from mf_jax.data import pipeline
 from mf_jax.evaluation import evaluator as evaluator_lib
 from mf_jax.evaluation import images
+from mf_jax.models import vae
 from mf_jax.training import state as state_lib
 from mf_jax.training import step as step_lib
 from mf_jax.training import writers
@@ -107,7 +108,8 @@ class Experiment:
                                    self.input_shape)
 
 
-def _write_json(path: str, record: dict):
+def write_json(path: str, record: dict):
+  """Writes a JSON file atomically, on process 0 only."""
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -119,13 +121,14 @@ def evaluate(exp: Experiment, state, step: int, evaluator) -> dict:
   """Scores the eval parameters and writes WORKDIR/eval/<step>.json."""
   rng = jax.random.key(exp.config.training.seed + 1)
   results = evaluator(exp.eval_params(state), rng)
-  _write_json(os.path.join(exp.workdir, "eval", f"{step}.json"), results)
+  write_json(os.path.join(exp.workdir, "eval", f"{step}.json"), results)
   return results
 
 
 def save_sample_grid(exp: Experiment, state, step: int, evaluator,
                      nfe: int | None = None) -> str:
-  """A PNG of samples: a class-balanced grid of images, or a 2-D density."""
+  """A PNG of samples: a class-balanced grid of images (latents decoded by
+  the VAE of `sample.vae`), or a 2-D density. Returns its path, or None."""
   nfe = nfe or exp.config.sample.nfe
   size = exp.config.sample.grid_size
   rng = jax.random.key(exp.config.training.seed + 2)
@@ -136,6 +139,12 @@ def save_sample_grid(exp: Experiment, state, step: int, evaluator,
   else:
     samples, _ = evaluator.generate(exp.eval_params(state), rng, size * size,
                                     nfe, "balanced")
+    if evaluator.kind == "latents":
+      if not exp.config.sample.vae:
+        logging.warning("No sample grid at step %d: latent samples need the "
+                        "VAE to be seen (--config.sample.vae=FILE).", step)
+        return None
+      samples = np.asarray(_latent_decoder(exp.config.sample.vae)(samples))
     picture = images.image_grid(samples, columns=size,
                                 scale=max(1, 64 // samples.shape[1]))
   path = os.path.join(exp.workdir, "samples", f"{step}_nfe{nfe}.png")
@@ -143,6 +152,13 @@ def save_sample_grid(exp: Experiment, state, step: int, evaluator,
     os.makedirs(os.path.dirname(path), exist_ok=True)
     images.save_png(path, picture)
   return path
+
+
+@functools.lru_cache(maxsize=1)
+def _latent_decoder(vae_path: str):
+  """Scaled latents -> images in [-1, 1], with the VAE loaded once."""
+  decode_fn, vae_params = vae.load_latent_decoder(vae_path)
+  return functools.partial(decode_fn, vae_params)
 
 
 class _Preemption:
@@ -188,7 +204,7 @@ def train_and_evaluate(config, workdir: str):
   """Trains (resuming if possible) and returns the last eval results."""
   exp = Experiment(config, workdir)
   # The run's config beside its checkpoints, so tools (export) rebuild it.
-  _write_json(os.path.join(workdir, "config.json"),
+  write_json(os.path.join(workdir, "config.json"),
               json.loads(config.to_json_best_effort()))
   data_iterator = pipeline.make_train_iterator(
       config, sharding.process_batch_rows(exp.mesh, config.training.batch_size))
