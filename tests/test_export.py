@@ -22,9 +22,7 @@ from configs import toy2d  # pylint: disable=g-import-not-at-top,wrong-import-po
 
 # Written by the official MeanFlow code (see its README.md); shared/ sits
 # beside the repository checkout (as in test_models.py).
-FIXTURE = os.environ.get(
-    "MF_JAX_OFFICIAL_FIXTURE",
-    os.path.join(REPO, "..", "shared", "fixtures", "official_meanflow_tiny"))
+FIXTURE = os.path.join(REPO, "tests", "fixtures", "official_meanflow_tiny")
 
 
 def _tool(name, *args):
@@ -47,8 +45,6 @@ def tiny_toy_config(num_steps=8):
   return c
 
 
-@pytest.mark.skipif(not os.path.isdir(FIXTURE),
-                    reason=f"official checkpoint fixture not at {FIXTURE}")
 def test_import_official_reproduces_official_outputs(tmp_path):
   out = str(tmp_path / "official.safetensors")
   # The parent directory: the tool finds checkpoint_3 in it. The sizes come
