@@ -18,15 +18,21 @@ every 16 steps with decay^16; here each is updated every step with the
 decay itself, the same average. Its released checkpoint is the 0.99995 EMA,
 which evaluation uses here.
 
-Evaluation: CIFAR-10 is read from TFDS (`tfds build cifar10
---data_dir=DIR --file_format=array_record` once, then
---config.data.tfds_data_dir=DIR). The default image evaluation has no
-metric for CIFAR-10 yet: FID-50K (Inception features, official protocol:
-50k 1-NFE samples against the 50k training images) comes with the FID
-evaluator, which is being written separately; until then eval files are
-empty and only the sample grids and training metrics show progress.
+Data and evaluation: CIFAR-10 is read from TFDS (`tfds build cifar10
+--data_dir=DIR --file_format=array_record` once). FID-50K follows the
+official protocol, 50,000 1-NFE samples against the statistics of the
+50,000 training images, computed once with pytorch-fid's Inception weights
+(a local file):
 
-  python -m mf_jax.main --config=configs/cifar10_unet.py --workdir=DIR
+  python -m mf_jax.tools.fid --compute_ref_from=tfds:cifar10 --tfds_data_dir=DIR \
+      --inception=INCEPTION --ref_stats=cifar10_train_stats.npz
+  python -m mf_jax.main --config=configs/cifar10_unet.py --workdir=RUN \
+      --config.data.tfds_data_dir=DIR --config.eval.inception=INCEPTION \
+      --config.eval.ref_stats=cifar10_train_stats.npz
+
+Every eval then writes nfe1/fid, nfe2/fid and Inception Scores into
+RUN/eval/<step>.json (without the two files, evals are empty and the
+sample grids show progress; `mf_jax.tools.fid` scores any checkpoint later).
 
 Not here: the official `v1` time sampler (t ~ LN(-0.6, 1.6) and r ~
 LN(-4, 1.6) drawn separately), which needs a second time distribution.

@@ -9,9 +9,9 @@ a pod is rented; its FID is of course far from the paper's.
   # 1. 5,000 evenly spaced images -> SD-VAE latent shards (local weights)
   python -m mf_jax.tools.prepare_latents --vae=sd-vae-ft-mse/ \
       --source=/data/imagenet/train --output=/tmp/in_trial --limit=5000 --batch=32
-  # 2. train (sample grids are decoded when --config.sample.vae is given)
+  # 2. train (--config.data.vae decodes the sample grids)
   python -m mf_jax.main --config=configs/imagenet256_trial.py --workdir=/tmp/trial \
-      --config.data.latents_dir=/tmp/in_trial --config.sample.vae=sd-vae-ft-mse/
+      --config.data.latents_dir=/tmp/in_trial --config.data.vae=sd-vae-ft-mse/
   # 3. FID and IS on a few hundred samples against ADM's reference statistics
   python -m mf_jax.tools.fid --config=configs/imagenet256_trial.py --workdir=/tmp/trial \
       --inception=pt_inception-2015-12-05-6726825d.pth \

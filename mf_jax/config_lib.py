@@ -67,9 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # augment_p: EDM augmentation probability (data/augment.py); > 0 needs a
   # model with augment_dim = 6 (the U-Net), which is told the parameters.
+  # vae: the diffusers SD-VAE weights (a local file) the latents were made
+  # with; latent runs need it to decode samples for grids and FID.
   c.data = ml_collections.ConfigDict(dict(
-      name="digits", tfds_data_dir="", latents_dir="", shuffle_seed=0,
-      augment_p=0.0))
+      name="digits", tfds_data_dir="", latents_dir="", vae="",
+      shuffle_seed=0, augment_p=0.0))
 
   # Mesh axis sizes; -1 takes the remaining devices. Parameters (and their
   # optimizer moments and EMA copies) with at least fsdp_min_size elements
@@ -80,14 +82,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1000, max_to_keep=3, async_save=True))
 
+  # ema_decay < 0: the first EMA. inception (pytorch-fid's weights) and
+  # ref_stats (an npz of mu/sigma, or of images) add FID and Inception Score
+  # of eval.num_samples samples at each eval.nfe to image runs' evaluations.
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=1000, nfe=(1, 2), num_samples=1000, batch_size=500,
-      ema_decay=-1.0, labels="balanced"))  # ema_decay < 0: first EMA
+      ema_decay=-1.0, labels="balanced", inception="", ref_stats=""))
 
-  # vae: diffusers SD-VAE weights (local file) that decode latent samples
-  # into the grids; without it latent runs write no grids.
   c.sample = ml_collections.ConfigDict(dict(
-      every_steps=1000, grid_size=10, nfe=1, vae=""))
+      every_steps=1000, grid_size=10, nfe=1))
   return c
 
 

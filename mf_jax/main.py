@@ -6,14 +6,12 @@
   python -m mf_jax.main --config=configs/digits.py --workdir=/tmp/digits \
       --mode=eval
 
-Several processes (one per host): TPU pods and SLURM are detected by
-`jax.distributed.initialize`; elsewhere set JAX_COORDINATOR_ADDRESS
-(host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID in each
-process's environment (on CPU, collectives between processes use gloo).
+Several processes (one per host) run the same command; see
+`sharding.initialize_distributed` for how they find each other (on CPU,
+collectives between processes use gloo).
 """
 
 import json
-import os
 
 import jax
 from absl import app
@@ -21,6 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mf_jax import sharding
 from mf_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,9 +36,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  if _multi_host_requested():
-    jax.distributed.initialize(num_processes=_env_int("JAX_NUM_PROCESSES"),
-                               process_id=_env_int("JAX_PROCESS_ID"))
+  sharding.initialize_distributed()
   logging.info("Process %d/%d, devices: %s", jax.process_index(),
                jax.process_count(), jax.devices())
   config, workdir = _CONFIG.value, _WORKDIR.value
@@ -52,18 +49,6 @@ def main(argv):
                                                 _NFE.value)}
   if jax.process_index() == 0:
     print(json.dumps(results, sort_keys=True))
-
-
-def _multi_host_requested() -> bool:
-  """Cluster environments (TPU pods, SLURM) announce several processes."""
-  return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or bool(
-      os.environ.get("JAX_COORDINATOR_ADDRESS"))
-
-
-def _env_int(name: str) -> int | None:
-  """An integer from the environment; None lets JAX detect the cluster."""
-  value = os.environ.get(name)
-  return None if value is None else int(value)
 
 
 if __name__ == "__main__":

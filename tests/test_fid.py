@@ -1,5 +1,6 @@
 """FID Inception parity with pytorch-fid, FID/IS identities, npz, driver."""
 
+import functools
 import hashlib
 import json
 import os
@@ -290,7 +291,7 @@ def test_score_params_end_to_end(tmp_path):
       stats_out=str(tmp_path / "s_stats.npz"), inception_size=size,
       num_splits=2)
 
-  with open(tmp_path / "run" / "eval" / "fid_3.json") as f:
+  with open(tmp_path / "run" / "eval" / "fid_3_nfe1.json") as f:
     assert json.load(f) == record
   assert record["step"] == 3 and record["num_samples"] == 20
   assert record["ref_stats"] == os.path.abspath(ref_npz)
@@ -336,3 +337,56 @@ def test_latent_configs_need_the_vae():
   with pytest.raises(ValueError, match="--vae"):
     fid_eval.evaluate_fid(config, "/nonexistent", inception_path="x",
                           ref_stats_path="y")
+
+
+def test_tfds_reference_and_fid_in_training_evals(tmp_path, monkeypatch):
+  """Reference statistics from a TFDS train split (a stand-in list of
+  records here) equal those of the same images in an npz; a run whose
+  config names Inception weights and those statistics gets FID and IS in
+  its eval JSON; an incomplete FID config fails before compiling."""
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from mf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mf_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  size, module = 75, inception.FIDInceptionV3()
+  weights = inception.save_weights(inception.random_params(module, size),
+                                   str(tmp_path / "inception.npz"))
+  images = np.random.default_rng(4).integers(0, 256, (20, 8, 8, 1),
+                                              dtype=np.uint8)
+  monkeypatch.setattr(pipeline, "tfds_source", lambda name, split, data_dir:
+                      [{"image": image, "label": 0} for image in images])
+  ref, ref_npz = str(tmp_path / "ref.npz"), str(tmp_path / "ref_npz.npz")
+  out = fid_eval.reference_stats("tfds:cifar10", weights, ref, batch_size=16,
+                                 inception_size=size)
+  assert out["num_images"] == 20
+  npz_export.save_npz(str(tmp_path / "images.npz"), images)
+  fid_eval.reference_stats(str(tmp_path / "images.npz"), weights, ref_npz,
+                           batch_size=16, inception_size=size)
+  for a, b in zip(fid.load_stats(ref), fid.load_stats(ref_npz)):
+    np.testing.assert_array_equal(a, b)
+
+  monkeypatch.setattr(fid_eval, "score_params", functools.partial(
+      fid_eval.score_params, inception_size=size))
+  config = digits.get_config()
+  config.model.update(hidden_size=32, depth=1, num_heads=2)
+  config.training.update(num_steps=2, batch_size=16)
+  config.checkpoint.update(every_steps=2, async_save=False)
+  config.eval.update(every_steps=2, nfe=(1,), num_samples=16, batch_size=16,
+                     inception=weights, ref_stats=ref)
+  config.sample.every_steps = 0
+  workdir = tmp_path / "run"
+  trainer.train_and_evaluate(config, str(workdir))
+  with open(workdir / "eval" / "2.json") as f:
+    results = json.load(f)
+  with open(workdir / "eval" / "fid_2_nfe1.json") as f:
+    record = json.load(f)
+  assert results["nfe1/fid"] == record["fid"] > 0
+  assert results["nfe1/inception_score"] == record["inception_score"]
+  assert "nfe1/fd_digits" in results and record["num_samples"] == 16
+  assert record["ref_stats"] == os.path.abspath(ref)
+
+  config.eval.ref_stats = ""
+  with pytest.raises(ValueError, match="eval.ref_stats"):
+    trainer.Experiment(config, str(tmp_path / "bad"))
+  config.eval.ref_stats = str(tmp_path / "missing.npz")
+  with pytest.raises(FileNotFoundError, match="eval.ref_stats"):
+    trainer.Experiment(config, str(tmp_path / "bad"))

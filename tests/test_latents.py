@@ -199,7 +199,8 @@ def test_trial_config_runs_end_to_end(prepared, tmp_path):
   c.data.latents_dir = out
   c.training.batch_size = 8
   c.checkpoint.update(every_steps=4, async_save=False)
-  c.sample.update(every_steps=4, grid_size=2, vae=weights)
+  c.data.vae = weights
+  c.sample.update(every_steps=4, grid_size=2)
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(c, workdir)
   grid = np.asarray(Image.open(os.path.join(workdir, "samples",

@@ -118,28 +118,41 @@ def stats_from_batches(feature_fn, inception_params, batches, mesh,
   return stats, np.concatenate(logits)
 
 
-def reference_stats_from_npz(images_npz: str, inception_path: str,
-                             out_path: str, batch_size: int = 200,
-                             mesh=None) -> dict:
-  """Statistics of the images `arr_0` of an npz, written as an npz (mu, sigma).
+def reference_stats(source: str, inception_path: str, out_path: str,
+                    batch_size: int = 200, tfds_data_dir: str = "",
+                    mesh=None,
+                    inception_size: int = inception.INPUT_SIZE) -> dict:
+  """Statistics of reference images, written as an npz (mu, sigma).
 
-  E.g. ADM's reference batch, or a dump of a dataset's images: the same
-  Inception, resize and float64 statistics as the samples get.
+  `source` is an npz of uint8 images `arr_0` (e.g. ADM's reference batch)
+  or `tfds:NAME`, the train split of a TFDS dataset prepared locally
+  (`tfds:cifar10`: the 50,000 training images CIFAR-10 FID is measured
+  against). The same Inception, resize and float64 statistics as samples.
   """
   mesh = mesh or sharding.make_mesh(
       ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
   batch_size = _round_up(batch_size, mesh.size)
+  if source.startswith("tfds:"):
+    images = pipeline.tfds_source(source[len("tfds:"):], "train",
+                                  tfds_data_dir)
+    total = len(images)
+    batches = (np.stack([np.asarray(images[i]["image"], np.uint8)
+                         for i in range(start, min(start + batch_size,
+                                                   total))])
+               for start in range(0, total, batch_size))
+  else:
+    total = npz_export.num_images(source)
+    batches = npz_export.iterate_npz(source, batch_size)
   module, params = inception.load_inception(inception_path)
   params = jax.device_put(params, sharding.replicated(mesh))
-  stats, _ = stats_from_batches(
-      make_feature_fn(module), params,
-      npz_export.iterate_npz(images_npz, batch_size), mesh, batch_size,
-      total=npz_export.num_images(images_npz))
+  stats, _ = stats_from_batches(make_feature_fn(module, inception_size),
+                                params, batches, mesh, batch_size,
+                                total=total)
   if jax.process_index() == 0:
     fid.save_stats(out_path, stats.mean, stats.cov,
                    num_images=np.int64(stats.count))
   return {"ref_stats": out_path, "num_images": stats.count,
-          "images": images_npz}
+          "images": source}
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -174,7 +187,7 @@ def evaluate_fid(config, workdir: str, *, step: int | None = None,
                  **kwargs) -> dict:
   """Scores a checkpoint's eval (EMA) parameters; see `score_params`.
 
-  Writes and returns WORKDIR/eval/fid_<step>.json.
+  Writes and returns WORKDIR/eval/fid_<step>_nfe<nfe>.json.
   """
   exp = trainer.Experiment(config, workdir)
   _check_vae(config, kwargs.get("vae_path"))
@@ -245,7 +258,8 @@ def score_params(exp, params, step: int, *, inception_path: str,
       "npz": os.path.abspath(npz_out) if npz_out else None,
       "sample_stats": os.path.abspath(stats_out) if stats_out else None,
   }
-  record["json"] = os.path.join(exp.workdir, "eval", f"fid_{step}.json")
+  record["json"] = os.path.join(exp.workdir, "eval",
+                                f"fid_{step}_nfe{nfe}.json")
   trainer.write_json(record["json"], record)
   return record
 

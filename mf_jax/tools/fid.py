@@ -5,7 +5,7 @@ r"""FID-50K and Inception Score of a run's checkpoint, with local weights only.
       --ref_stats=VIRTUAL_imagenet256_labeled.npz --vae=VAE_WEIGHTS \
       [--step=N] [--nfe=1] [--num_samples=50000] [--npz_out=samples.npz]
 
-Writes DIR/eval/fid_<step>.json (FID, IS, and which Inception, reference
+Writes DIR/eval/fid_<step>_nfe<N>.json (FID, IS, and which Inception, reference
 statistics, VAE and sample count produced them) and prints it. --inception
 takes pytorch-fid's .pth (needs torch) or its .npz/.safetensors conversion:
 
@@ -15,21 +15,29 @@ takes pytorch-fid's .pth (needs torch) or its .npz/.safetensors conversion:
 
 --ref_stats is an npz with mu/sigma (ADM reference batch, pytorch-fid or the
 official MeanFlow code's ref_mu/ref_sigma); one holding only images `arr_0`
-gets its statistics computed. To compute and save reference statistics from
-an npz of uint8 images once (no checkpoint needed):
+gets its statistics computed. To compute and save reference statistics once
+(no checkpoint needed) from an npz of uint8 images, or from the train split
+of a TFDS dataset prepared locally (CIFAR-10 FID uses its 50,000 training
+images):
 
   python -m mf_jax.tools.fid --compute_ref_from=IMAGES.npz \
       --inception=inception_fid.npz --ref_stats=OUT_STATS.npz
+  python -m mf_jax.tools.fid --compute_ref_from=tfds:cifar10 \
+      --tfds_data_dir=DIR --inception=inception_fid.npz \
+      --ref_stats=cifar10_train_stats.npz
+
+Flags left out fall back to the config: --inception and --ref_stats to
+eval.inception and eval.ref_stats, --vae to data.vae.
 """
 
 import json
-import os
 
 import jax
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mf_jax import sharding
 from mf_jax.evaluation import fid_eval
 
 
@@ -37,29 +45,33 @@ def run(config, flag_values) -> dict:
   """The tool's work for parsed flag values (a namespace with flag names)."""
   f = flag_values
   if f.compute_ref_from:
-    return fid_eval.reference_stats_from_npz(
+    if not (f.inception and f.ref_stats):
+      raise app.UsageError("--compute_ref_from needs --inception and "
+                           "--ref_stats (the output).")
+    return fid_eval.reference_stats(
         f.compute_ref_from, f.inception, f.ref_stats,
-        batch_size=f.batch_size or 200)
+        batch_size=f.batch_size or 200, tfds_data_dir=f.tfds_data_dir)
   if config is None or not f.workdir:
     raise app.UsageError("--config and --workdir are required (or use "
                          "--compute_ref_from).")
+  # Unset flags fall back to the config's eval.inception, eval.ref_stats
+  # and data.vae.
+  inception_path = f.inception or config.eval.inception
+  ref_stats = f.ref_stats or config.eval.ref_stats
+  if not (inception_path and ref_stats):
+    raise app.UsageError("Name the Inception weights and reference "
+                         "statistics: --inception and --ref_stats.")
   return fid_eval.evaluate_fid(
-      config, f.workdir, inception_path=f.inception,
-      ref_stats_path=f.ref_stats, step=f.step, num_samples=f.num_samples,
-      nfe=f.nfe, vae_path=f.vae, npz_out=f.npz_out,
-      batch_size=f.batch_size, seed=f.seed, stats_out=f.stats_out)
-
-
-def _multi_host_requested() -> bool:
-  """As in mf_jax.main: cluster environments announce several processes."""
-  return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or bool(
-      os.environ.get("JAX_COORDINATOR_ADDRESS"))
+      config, f.workdir, inception_path=inception_path,
+      ref_stats_path=ref_stats, step=f.step, num_samples=f.num_samples,
+      nfe=f.nfe, vae_path=f.vae or config.data.vae or None,
+      npz_out=f.npz_out, batch_size=f.batch_size, seed=f.seed,
+      stats_out=f.stats_out)
 
 
 def main(argv):
   del argv
-  if _multi_host_requested():
-    jax.distributed.initialize()
+  sharding.initialize_distributed()
   result = run(_CONFIG.value, flags.FLAGS)
   if jax.process_index() == 0:
     print(json.dumps(result, sort_keys=True))
@@ -74,10 +86,13 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_samples", 50_000, "Samples to score.")
   flags.DEFINE_integer("nfe", 1, "Sampling steps.")
   flags.DEFINE_string("inception", None, "pytorch-fid Inception weights "
-                      "(.pth, or .npz/.safetensors from convert_weights).")
+                      "(.pth, or .npz/.safetensors from convert_weights; "
+                      "default: config.eval.inception).")
   flags.DEFINE_string("ref_stats", None, "Reference statistics npz (mu, "
-                      "sigma), or images arr_0 to compute them from.")
-  flags.DEFINE_string("vae", None, "VAE weights, for latent-space models.")
+                      "sigma), or images arr_0 to compute them from "
+                      "(default: config.eval.ref_stats).")
+  flags.DEFINE_string("vae", None, "VAE weights, for latent-space models "
+                      "(default: config.data.vae).")
   flags.DEFINE_string("npz_out", None, "Optional ADM-style sample npz "
                       "(uint8 arr_0, labels arr_1).")
   flags.DEFINE_string("stats_out", None, "Optional npz for the samples' "
@@ -85,7 +100,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("batch_size", None, "Global batch (default: "
                        "config.eval.batch_size).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_string("compute_ref_from", None, "Images npz: write its "
-                      "statistics to --ref_stats and exit.")
-  flags.mark_flags_as_required(["inception", "ref_stats"])
+  flags.DEFINE_string("compute_ref_from", None, "Images npz, or tfds:NAME "
+                      "(its train split): write their statistics to "
+                      "--ref_stats and exit.")
+  flags.DEFINE_string("tfds_data_dir", "", "TFDS data dir for tfds:NAME.")
   app.run(main)

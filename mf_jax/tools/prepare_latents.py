@@ -191,10 +191,7 @@ def _encode_padded(encode, crops: np.ndarray, batch: int) -> np.ndarray:
 
 def main(argv):
   del argv
-  # As mf_jax.main: cluster environments announce several processes.
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get(
-      "JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize()
+  sharding.initialize_distributed()
   manifest = prepare(
       _VAE.value, _SOURCE.value, _OUTPUT.value, limit=_LIMIT.value,
       batch=_BATCH.value, shard_size=_SHARD_SIZE.value,

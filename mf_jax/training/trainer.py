@@ -41,7 +41,7 @@ class Experiment:
     self.workdir = workdir
     # Cheap validation first: a bad name fails before any compilation.
     self.objective = objectives.validate(config.objective)
-    pipeline.dataset_kind(config.data.name)
+    check_local_files(config)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_size(config.training.batch_size, self.mesh)
     self.model = models.build_model(config.model)
@@ -108,6 +108,25 @@ class Experiment:
                                    self.input_shape)
 
 
+def check_local_files(config):
+  """Weights and statistics the config names exist, and FID has what it
+  needs: one-line errors before anything compiles."""
+  kind = pipeline.dataset_kind(config.data.name)
+  files = {"data.vae": config.data.get("vae"),
+           "eval.inception": config.eval.get("inception"),
+           "eval.ref_stats": config.eval.get("ref_stats")}
+  for field, path in files.items():
+    if path and not os.path.exists(path):
+      raise FileNotFoundError(f"{field}={path!r} does not exist; weights and "
+                              "statistics are local files (no downloads).")
+  if bool(files["eval.inception"]) != bool(files["eval.ref_stats"]):
+    raise ValueError("FID needs both eval.inception (pytorch-fid's Inception "
+                     "weights) and eval.ref_stats (reference statistics).")
+  if files["eval.inception"] and kind == "latents" and not files["data.vae"]:
+    raise ValueError("FID of latent samples needs data.vae=FILE (the SD-VAE "
+                     "the latents were made with) to decode them.")
+
+
 def write_json(path: str, record: dict):
   """Writes a JSON file atomically, on process 0 only."""
   if jax.process_index() == 0:
@@ -120,15 +139,37 @@ def write_json(path: str, record: dict):
 def evaluate(exp: Experiment, state, step: int, evaluator) -> dict:
   """Scores the eval parameters and writes WORKDIR/eval/<step>.json."""
   rng = jax.random.key(exp.config.training.seed + 1)
-  results = evaluator(exp.eval_params(state), rng)
+  params = exp.eval_params(state)
+  results = evaluator(params, rng)
+  if exp.config.eval.inception:
+    results.update(_fid_results(exp, params, step))
   write_json(os.path.join(exp.workdir, "eval", f"{step}.json"), results)
+  return results
+
+
+def _fid_results(exp: Experiment, params, step: int) -> dict:
+  """FID and Inception Score at each eval NFE, from eval.num_samples
+  class-balanced samples; each NFE's full record (weights, statistics,
+  sample count) is WORKDIR/eval/fid_<step>_nfe<N>.json."""
+  # Imported here: the FID driver builds on this module (Experiment).
+  from mf_jax.evaluation import fid_eval  # pylint: disable=g-import-not-at-top
+  c = exp.config
+  results = {}
+  for nfe in c.eval.nfe:
+    record = fid_eval.score_params(
+        exp, params, step, inception_path=c.eval.inception,
+        ref_stats_path=c.eval.ref_stats, num_samples=c.eval.num_samples,
+        nfe=nfe, vae_path=c.data.vae or None, batch_size=c.eval.batch_size,
+        seed=c.training.seed)
+    results[f"nfe{nfe}/fid"] = record["fid"]
+    results[f"nfe{nfe}/inception_score"] = record["inception_score"]
   return results
 
 
 def save_sample_grid(exp: Experiment, state, step: int, evaluator,
                      nfe: int | None = None) -> str:
   """A PNG of samples: a class-balanced grid of images (latents decoded by
-  the VAE of `sample.vae`), or a 2-D density. Returns its path, or None."""
+  the VAE of `data.vae`), or a 2-D density. Returns its path, or None."""
   nfe = nfe or exp.config.sample.nfe
   size = exp.config.sample.grid_size
   rng = jax.random.key(exp.config.training.seed + 2)
@@ -140,11 +181,11 @@ def save_sample_grid(exp: Experiment, state, step: int, evaluator,
     samples, _ = evaluator.generate(exp.eval_params(state), rng, size * size,
                                     nfe, "balanced")
     if evaluator.kind == "latents":
-      if not exp.config.sample.vae:
+      if not exp.config.data.vae:
         logging.warning("No sample grid at step %d: latent samples need the "
-                        "VAE to be seen (--config.sample.vae=FILE).", step)
+                        "VAE to be seen (--config.data.vae=FILE).", step)
         return None
-      samples = np.asarray(_latent_decoder(exp.config.sample.vae)(samples))
+      samples = np.asarray(_latent_decoder(exp.config.data.vae)(samples))
     picture = images.image_grid(samples, columns=size,
                                 scale=max(1, 64 // samples.shape[1]))
   path = os.path.join(exp.workdir, "samples", f"{step}_nfe{nfe}.png")
