@@ -89,8 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
       every_steps=1000, nfe=(1, 2), num_samples=1000, batch_size=500,
       ema_decay=-1.0, labels="balanced", inception="", ref_stats=""))
 
+  # timesteps: an explicit schedule for the grids, e.g. "1,0.6,0" (2 steps);
+  # eval.nfe entries may be such strings too (samplers.parse_schedule).
   c.sample = ml_collections.ConfigDict(dict(
-      every_steps=1000, grid_size=10, nfe=1))
+      every_steps=1000, grid_size=10, nfe=1, timesteps=""))
   return c
 
 

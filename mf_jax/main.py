@@ -30,7 +30,8 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
                           "train (resumes if possible), eval or sample.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step for eval/sample "
                              "(default: latest).")
-_NFE = flags.DEFINE_integer("nfe", None, "Steps for sample mode.")
+_NFE = flags.DEFINE_string("nfe", None, "Sample mode's schedule: N steps, "
+                           "or explicit times such as '1,0.6,0'.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,8 +46,10 @@ def main(argv):
   elif _MODE.value == "eval":
     results = trainer.evaluate_checkpoint(config, workdir, _STEP.value)
   else:
+    nfe = _NFE.value
+    nfe = int(nfe) if nfe and nfe.isdigit() else nfe
     results = {"png": trainer.sample_checkpoint(config, workdir, _STEP.value,
-                                                _NFE.value)}
+                                                nfe)}
   if jax.process_index() == 0:
     print(json.dumps(results, sort_keys=True))
 

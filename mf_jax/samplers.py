@@ -19,6 +19,38 @@ def uniform_timesteps(num_steps: int) -> jax.Array:
   return jnp.linspace(1.0, 0.0, num_steps + 1)
 
 
+def parse_schedule(spec: int | str) -> tuple[float, ...] | int:
+  """A schedule as configs write it, checked: an NFE N (the uniform N-step
+  schedule), or explicit times 'a,b,...' descending from 1 to 0, such as
+  '1,0.6,0' (2 steps, the first one long)."""
+  if isinstance(spec, (int, np.integer)):
+    if spec < 1:
+      raise ValueError(f"NFE must be at least 1, got {spec}.")
+    return int(spec)
+  times = tuple(float(s) for s in str(spec).split(","))
+  if (len(times) < 2 or times[0] != 1.0 or times[-1] != 0.0
+      or any(a <= b for a, b in zip(times, times[1:]))):
+    raise ValueError(f"Sampling schedule {spec!r} must descend from 1 to 0, "
+                     "e.g. '1,0.6,0'.")
+  return times
+
+
+def timesteps(spec: int | str) -> jax.Array:
+  """The schedule array of `parse_schedule(spec)`."""
+  parsed = parse_schedule(spec)
+  if isinstance(parsed, int):
+    return uniform_timesteps(parsed)
+  return jnp.asarray(parsed, jnp.float32)
+
+
+def schedule_name(spec: int | str) -> str:
+  """'nfe2' for the uniform 2 steps, 'nfe2[1,0.6,0]' for explicit times."""
+  parsed = parse_schedule(spec)
+  if isinstance(parsed, int):
+    return f"nfe{parsed}"
+  return f"nfe{len(parsed) - 1}[{spec}]"
+
+
 def _integrate(u_fn, params, noise, labels, timesteps, average: bool):
   batch = noise.shape[0]
 

@@ -65,3 +65,23 @@ def test_labels():
   assert (np.asarray(samplers.make_labels(None, 4, 0, "random")) == 0).all()
   with pytest.raises(ValueError, match="label mode"):
     samplers.make_labels(None, 4, 10, "sorted")
+
+
+def test_explicit_schedules_parse_name_and_sample():
+  assert samplers.parse_schedule(2) == 2
+  assert samplers.parse_schedule("1,0.6,0") == (1.0, 0.6, 0.0)
+  assert samplers.schedule_name(3) == "nfe3"
+  assert samplers.schedule_name("1,0.6,0") == "nfe2[1,0.6,0]"
+  for bad in ("1,0.5", "0.9,0", "1,0.2,0.5,0", 0):
+    with pytest.raises(ValueError):
+      samplers.parse_schedule(bad)
+  np.testing.assert_array_equal(samplers.timesteps("1,0.5,0"),
+                                samplers.timesteps(2))
+  # An explicit schedule takes exactly its steps: with u(z) = z each step
+  # scales z by 1 - (t - r), so [1, 0.6, 0] gives 0.6 * 0.4, uniform 0.5^2.
+  u_fn = lambda params, z, t, h, y, train: z
+  noise, labels = jnp.ones((4, 2)), jnp.zeros(4, jnp.int32)
+  for schedule, factor in (("1,0.6,0", 0.24), (2, 0.25), ("1,0.9,0.5,0", 0.27)):
+    out = samplers.flow_map_sample(u_fn, None, noise, labels,
+                                   samplers.timesteps(schedule))
+    np.testing.assert_allclose(out, factor, rtol=1e-6)

@@ -67,9 +67,18 @@ def test_eval_json_and_samples(tmp_path):
   lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
   logged = [json.loads(line) for line in lines]
   assert {"loss", "mse", "v_mse", "grad_norm"} <= set(logged[0])
-  # eval mode on the saved checkpoint reproduces the training-time figures.
-  again = trainer.evaluate_checkpoint(tiny_toy_config(), workdir)
-  assert again == pytest.approx(results, rel=1e-5)
+  # eval mode on the saved checkpoint reproduces the training-time figures,
+  # also when the 2-step schedule is written out as explicit times.
+  config = tiny_toy_config()
+  config.eval.nfe = (1, "1,0.5,0")
+  again = trainer.evaluate_checkpoint(config, workdir)
+  assert again == pytest.approx({
+      "nfe1/energy_distance": results["nfe1/energy_distance"],
+      "nfe2[1,0.5,0]/energy_distance": results["nfe2/energy_distance"]},
+      rel=1e-5)
+  config.eval.nfe = (1, "1,0.5")
+  with pytest.raises(ValueError, match="descend from 1 to 0"):
+    trainer.Experiment(config, workdir)
 
 
 def _cli(*args, timeout=300):

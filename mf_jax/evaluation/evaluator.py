@@ -38,16 +38,16 @@ class Evaluator:
         static_argnums=(3,))
     self._classifier = None
 
-  def _sample_batch(self, sampler, u_fn, params, rng, labels, num_steps):
+  def _sample_batch(self, sampler, u_fn, params, rng, labels, schedule):
     shape = (labels.shape[0], *self.input_shape)
     noise = jax.random.normal(rng, shape)
     noise = jax.lax.with_sharding_constraint(
         noise, sharding.batch_sharding(self.mesh))
-    return sampler(u_fn, params, noise, labels,
-                   samplers.uniform_timesteps(num_steps))
+    return sampler(u_fn, params, noise, labels, samplers.timesteps(schedule))
 
-  def generate(self, params, rng, num: int, nfe: int, label_mode: str):
-    """`num` samples and their labels as numpy, in batches of eval size."""
+  def generate(self, params, rng, num: int, nfe: int | str, label_mode: str):
+    """`num` samples and their labels as numpy, in batches of eval size;
+    `nfe` is a step count or an explicit schedule (samplers.parse_schedule)."""
     batch = self.config.eval.batch_size
     num_classes = self.config.model.num_classes
     rng_labels, rng_noise = jax.random.split(rng)
@@ -62,14 +62,15 @@ class Evaluator:
     return np.concatenate(chunks)[:num], labels
 
   def __call__(self, params, rng) -> dict[str, float]:
-    """Scores at every NFE of `eval.nfe`; keys like 'nfe1/energy_distance'."""
+    """Scores at every schedule of `eval.nfe`; keys like
+    'nfe1/energy_distance' or 'nfe2[1,0.6,0]/energy_distance'."""
     results = {}
-    for nfe in self.config.eval.nfe:
-      samples, labels = self.generate(params, jax.random.fold_in(rng, nfe),
+    for i, nfe in enumerate(self.config.eval.nfe):
+      samples, labels = self.generate(params, jax.random.fold_in(rng, i + 1),
                                       self.config.eval.num_samples, nfe,
                                       self.config.eval.labels)
       for name, value in self.score(samples, labels).items():
-        results[f"nfe{nfe}/{name}"] = value
+        results[f"{samplers.schedule_name(nfe)}/{name}"] = value
     return results
 
   def score(self, samples, labels) -> dict[str, float]:

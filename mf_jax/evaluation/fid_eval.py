@@ -60,8 +60,7 @@ def make_image_fn(exp, nfe: int, batch: int, decode=None):
         batch_sharding)
     noise = jax.lax.with_sharding_constraint(
         jax.random.normal(rng, (batch, *exp.input_shape)), batch_sharding)
-    x = sampler(exp.u_fn, params, noise, labels,
-                samplers.uniform_timesteps(nfe))
+    x = sampler(exp.u_fn, params, noise, labels, samplers.timesteps(nfe))
     if decode is not None:
       x = jax.lax.with_sharding_constraint(decode(vae_params, x),
                                            batch_sharding)
@@ -258,8 +257,8 @@ def score_params(exp, params, step: int, *, inception_path: str,
       "npz": os.path.abspath(npz_out) if npz_out else None,
       "sample_stats": os.path.abspath(stats_out) if stats_out else None,
   }
-  record["json"] = os.path.join(exp.workdir, "eval",
-                                f"fid_{step}_nfe{nfe}.json")
+  record["json"] = os.path.join(
+      exp.workdir, "eval", f"fid_{step}_{samplers.schedule_name(nfe)}.json")
   trainer.write_json(record["json"], record)
   return record
 

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from mf_jax import checkpointing
 from mf_jax import models
 from mf_jax import objectives
+from mf_jax import samplers
 from mf_jax import sharding
 from mf_jax.data import pipeline
 from mf_jax.evaluation import evaluator as evaluator_lib
@@ -42,6 +43,8 @@ class Experiment:
     # Cheap validation first: a bad name fails before any compilation.
     self.objective = objectives.validate(config.objective)
     check_local_files(config)
+    for schedule in (*config.eval.nfe, sample_schedule(config)):
+      samplers.parse_schedule(schedule)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_size(config.training.batch_size, self.mesh)
     self.model = models.build_model(config.model)
@@ -127,6 +130,11 @@ def check_local_files(config):
                      "the latents were made with) to decode them.")
 
 
+def sample_schedule(config) -> int | str:
+  """The grids' schedule: sample.timesteps if set, else sample.nfe steps."""
+  return config.sample.get("timesteps") or config.sample.nfe
+
+
 def write_json(path: str, record: dict):
   """Writes a JSON file atomically, on process 0 only."""
   if jax.process_index() == 0:
@@ -161,16 +169,17 @@ def _fid_results(exp: Experiment, params, step: int) -> dict:
         ref_stats_path=c.eval.ref_stats, num_samples=c.eval.num_samples,
         nfe=nfe, vae_path=c.data.vae or None, batch_size=c.eval.batch_size,
         seed=c.training.seed)
-    results[f"nfe{nfe}/fid"] = record["fid"]
-    results[f"nfe{nfe}/inception_score"] = record["inception_score"]
+    name = samplers.schedule_name(nfe)
+    results[f"{name}/fid"] = record["fid"]
+    results[f"{name}/inception_score"] = record["inception_score"]
   return results
 
 
 def save_sample_grid(exp: Experiment, state, step: int, evaluator,
-                     nfe: int | None = None) -> str:
+                     nfe: int | str | None = None) -> str | None:
   """A PNG of samples: a class-balanced grid of images (latents decoded by
   the VAE of `data.vae`), or a 2-D density. Returns its path, or None."""
-  nfe = nfe or exp.config.sample.nfe
+  nfe = nfe or sample_schedule(exp.config)
   size = exp.config.sample.grid_size
   rng = jax.random.key(exp.config.training.seed + 2)
   if evaluator.kind == "toy2d":
@@ -188,7 +197,8 @@ def save_sample_grid(exp: Experiment, state, step: int, evaluator,
       samples = np.asarray(_latent_decoder(exp.config.data.vae)(samples))
     picture = images.image_grid(samples, columns=size,
                                 scale=max(1, 64 // samples.shape[1]))
-  path = os.path.join(exp.workdir, "samples", f"{step}_nfe{nfe}.png")
+  path = os.path.join(exp.workdir, "samples",
+                      f"{step}_{samplers.schedule_name(nfe)}.png")
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     images.save_png(path, picture)
@@ -320,7 +330,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None):
 
 
 def sample_checkpoint(config, workdir: str, step: int | None = None,
-                      nfe: int | None = None) -> str:
+                      nfe: int | str | None = None) -> str | None:
   """The 'sample' mode: writes a PNG of samples from a saved checkpoint."""
   exp = Experiment(config, workdir)
   state, step = _restore_for_inference(exp, step)
