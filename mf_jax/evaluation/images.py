@@ -1,6 +1,7 @@
 """Pictures of samples: image grids and 2-D point densities, saved as PNG."""
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -34,4 +35,8 @@ def density_image(points: np.ndarray, size: int = 256,
 
 
 def save_png(path: str, picture: np.ndarray):
-  Image.fromarray(picture).save(path)
+  """Writes a PNG to a local path or a cloud URI (etils.epath)."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    Image.fromarray(picture).save(f, format="PNG")

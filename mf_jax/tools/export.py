@@ -20,6 +20,7 @@ import jax
 import ml_collections
 from absl import app
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
 from mf_jax import export
@@ -39,19 +40,18 @@ def _tuples(value):
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved in WORKDIR/config.json."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     raise FileNotFoundError(
         f"{path} not found: {workdir} is not a training run's workdir (or the "
         "run predates config.json); pass --config=configs/NAME.py.")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+  return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
 
 
 def _check_has_checkpoint(workdir: str):
   """Fails before orbax would create an empty checkpoints/ directory."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory) or not os.listdir(directory):
+  directory = epath.Path(workdir) / "checkpoints"
+  if not directory.is_dir() or not any(directory.iterdir()):
     raise FileNotFoundError(f"No checkpoint in {directory}; train first.")
 
 

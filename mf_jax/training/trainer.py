@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import periodic_actions
+from etils import epath
 from jax.experimental import multihost_utils
 
 from mf_jax import checkpointing
@@ -60,7 +61,7 @@ class Experiment:
   @functools.cached_property
   def checkpointer(self) -> checkpointing.Checkpointer:
     return checkpointing.Checkpointer(
-        os.path.join(os.path.abspath(self.workdir), "checkpoints"),
+        os.path.join(absolute(self.workdir), "checkpoints"),
         self.config.checkpoint.max_to_keep, self.config.checkpoint.async_save)
 
   def jit_train_step(self):
@@ -130,18 +131,25 @@ def check_local_files(config):
                      "the latents were made with) to decode them.")
 
 
+def absolute(workdir: str) -> str:
+  """A local workdir made absolute (orbax wants that); URIs as they are."""
+  return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
 def sample_schedule(config) -> int | str:
   """The grids' schedule: sample.timesteps if set, else sample.nfe steps."""
   return config.sample.get("timesteps") or config.sample.nfe
 
 
 def write_json(path: str, record: dict):
-  """Writes a JSON file atomically, on process 0 only."""
+  """Writes a JSON file atomically, on process 0 only; `path` may be local
+  or a cloud URI such as gs://bucket/run/eval/1000.json (etils.epath)."""
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.replace(path)
 
 
 def evaluate(exp: Experiment, state, step: int, evaluator) -> dict:
@@ -200,7 +208,6 @@ def save_sample_grid(exp: Experiment, state, step: int, evaluator,
   path = os.path.join(exp.workdir, "samples",
                       f"{step}_{samplers.schedule_name(nfe)}.png")
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     images.save_png(path, picture)
   return path
 

@@ -51,9 +51,12 @@ class JsonlWriter(interface.MetricWriter):
 
 
 def create_writer(workdir: str) -> interface.MetricWriter:
+  """TensorBoard events and logs; also WORKDIR/metrics.jsonl for local (or
+  NFS) workdirs. Cloud object stores cannot append, so a gs:// workdir
+  keeps its scalars in the TensorBoard events only."""
   if jax.process_index() > 0:
     return metric_writers.create_default_writer(just_logging=True)
-  return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
-  ])
+  writers = [metric_writers.create_default_writer(workdir, asynchronous=False)]
+  if "://" not in workdir:
+    writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+  return metric_writers.MultiWriter(writers)
