@@ -1,6 +1,6 @@
 r"""Class-conditional MeanFlow on scikit-learn's 8x8 digits, with a small DiT.
 
-The README's main job: about 15 minutes on a 2-core CPU, then
+The README's main job: about 10 minutes on a 2-core CPU, then
 WORKDIR/samples/*_nfe1.png shows one column per class (1-NFE samples) and
 WORKDIR/eval/<step>.json the Fréchet distance in the digits classifier's
 feature space (nfe1/fd_digits) and the classifier's agreement with the

@@ -131,7 +131,7 @@ def imagenet256_config(variant: str, omega: float, kappa: float,
 
 def digits_config(objective: str, fraction_r_neq_t: float
                   ) -> ml_collections.ConfigDict:
-  """Class-conditional 8x8 digits in about 15 minutes on a 2-core CPU: the
+  """Class-conditional 8x8 digits in about 10 minutes on a 2-core CPU: the
   schedule configs/digits.py (DiT) and digits_unet.py (U-Net) share; the
   caller adds the backbone's fields."""
   c = base_config()
