@@ -27,7 +27,11 @@ def get_config(arg=None):
   c.objective.update(name=arg.objective, fraction_r_neq_t=arg.fraction_r_neq_t,
                      class_dropout=0.0, adaptive_p=0.0)
   c.data.name = arg.dataset
-  c.optimizer.update(lr=1e-3, b2=0.999, schedule="cosine")
+  # Constant lr, as the paper's runs: a cosine decay to 0 sharpened the
+  # one-step map (energy distance 0.0038 -> 0.0015) but left 2 and 4 steps
+  # 2x worse than constant (0.0021 vs 0.0009 and 0.0009 vs 0.0004), i.e.
+  # 2 steps worse than 1; constant keeps MeanFlow's N-step ordering.
+  c.optimizer.update(lr=1e-3, b2=0.999, schedule="constant")
   c.training.update(num_steps=20_000, batch_size=256, log_every_steps=500,
                     ema_decays=(0.999,))
   c.checkpoint.every_steps = 5000
