@@ -48,6 +48,11 @@ def is_latent(config) -> bool:
   return pipeline.dataset_kind(config.data.name) == "latents"
 
 
+# Cached: an evaluation at several NFE (and each periodic evaluation of a
+# run) reads the Inception weights once.
+_load_inception = functools.lru_cache(maxsize=1)(inception.load_inception)
+
+
 def make_image_fn(exp, nfe: int, batch: int, decode=None):
   """Jitted (params, vae_params, rng, start) -> (uint8 images, labels)."""
   config = exp.config
@@ -142,7 +147,7 @@ def reference_stats(source: str, inception_path: str, out_path: str,
   else:
     total = npz_export.num_images(source)
     batches = npz_export.iterate_npz(source, batch_size)
-  module, params = inception.load_inception(inception_path)
+  module, params = _load_inception(inception_path)
   params = jax.device_put(params, sharding.replicated(mesh))
   stats, _ = stats_from_batches(make_feature_fn(module, inception_size),
                                 params, batches, mesh, batch_size,
@@ -225,7 +230,7 @@ def score_params(exp, params, step: int, *, inception_path: str,
   if is_latent(exp.config):
     decode, vae_params = vae.load_latent_decoder(vae_path)
     vae_params = jax.device_put(vae_params, replicated)
-  module, inception_params = inception.load_inception(inception_path)
+  module, inception_params = _load_inception(inception_path)
   inception_params = jax.device_put(inception_params, replicated)
   feature_fn = make_feature_fn(module, inception_size)
   ref_mu, ref_sigma = _reference(ref_stats_path, feature_fn, inception_params,

@@ -359,10 +359,12 @@ def load_vae(path: str, dtype=jnp.float32):
   return module, from_diffusers(state, module)
 
 
+@functools.lru_cache(maxsize=1)
 def load_latent_decoder(path: str):
   """(decode_fn(params, latents) -> images in [-1, 1], params) for latents
   as training sees them: stored times LATENT_SCALE, so divided by it here.
-  Works inside jit (sample grids, the FID driver) and outside."""
+  Works inside jit (sample grids, the FID driver) and outside. Cached, so
+  periodic grids and evaluations read the weights once."""
   module, params = load_vae(path)
 
   def decode_fn(vae_params, latents):

@@ -202,7 +202,8 @@ def save_sample_grid(exp: Experiment, state, step: int, evaluator,
         logging.warning("No sample grid at step %d: latent samples need the "
                         "VAE to be seen (--config.data.vae=FILE).", step)
         return None
-      samples = np.asarray(_latent_decoder(exp.config.data.vae)(samples))
+      decode_fn, vae_params = vae.load_latent_decoder(exp.config.data.vae)
+      samples = np.asarray(decode_fn(vae_params, samples))
     picture = images.image_grid(samples, columns=size,
                                 scale=max(1, 64 // samples.shape[1]))
   path = os.path.join(exp.workdir, "samples",
@@ -210,13 +211,6 @@ def save_sample_grid(exp: Experiment, state, step: int, evaluator,
   if jax.process_index() == 0:
     images.save_png(path, picture)
   return path
-
-
-@functools.lru_cache(maxsize=1)
-def _latent_decoder(vae_path: str):
-  """Scaled latents -> images in [-1, 1], with the VAE loaded once."""
-  decode_fn, vae_params = vae.load_latent_decoder(vae_path)
-  return functools.partial(decode_fn, vae_params)
 
 
 class _Preemption:
