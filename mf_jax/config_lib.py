@@ -61,9 +61,12 @@ def base_config() -> ml_collections.ConfigDict:
       name="adamw", lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
       warmup_steps=0, schedule="constant", grad_clip_norm=0.0))
 
+  # on_nonfinite: "stop" (raise, naming the step and the quantity) or "skip"
+  # (drop the update of a step whose loss or gradient is not finite and
+  # count it in the metrics as `skipped_steps`).
   c.training = ml_collections.ConfigDict(dict(
       num_steps=1000, batch_size=256, seed=0, log_every_steps=100,
-      ema_decays=(0.9999,)))
+      ema_decays=(0.9999,), on_nonfinite="stop"))
 
   # augment_p: EDM augmentation probability (data/augment.py); > 0 needs a
   # model with augment_dim = 6 (the U-Net), which is told the parameters.
@@ -79,20 +82,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, num_devices=-1,
                                           fsdp_min_size=2**18))
 
+  # Saves every `every_steps` steps and also once `every_secs` seconds have
+  # passed since the last save (0: off); `first_step` > 0 saves once early,
+  # so a set-up that cannot write checkpoints fails in minutes, not hours.
   c.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps=1000, max_to_keep=3, async_save=True))
+      every_steps=1000, every_secs=0.0, first_step=0, max_to_keep=3,
+      async_save=True))
 
   # ema_decay < 0: the first EMA. inception (pytorch-fid's weights) and
   # ref_stats (an npz of mu/sigma, or of images) add FID and Inception Score
   # of eval.num_samples samples at each eval.nfe to image runs' evaluations.
+  # errors_fatal=False: a failing grid or evaluation is logged with its
+  # traceback and training goes on (its checkpoint is already saved).
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=1000, nfe=(1, 2), num_samples=1000, batch_size=500,
-      ema_decay=-1.0, labels="balanced", inception="", ref_stats=""))
+      ema_decay=-1.0, labels="balanced", inception="", ref_stats="",
+      errors_fatal=False))
 
   # timesteps: an explicit schedule for the grids, e.g. "1,0.6,0" (2 steps);
   # eval.nfe entries may be such strings too (samplers.parse_schedule).
   c.sample = ml_collections.ConfigDict(dict(
       every_steps=1000, grid_size=10, nfe=1, timesteps=""))
+
+  # A profiler trace of steps [start_step, start_step + num_steps) in
+  # WORKDIR/profile (process 0; num_steps = 0: off).
+  c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=0))
   return c
 
 
@@ -122,7 +136,7 @@ def imagenet256_config(variant: str, omega: float, kappa: float,
   steps = IMAGENET256_STEPS_PER_EPOCH
   c.training.update(num_steps=epochs * steps, batch_size=256,
                     log_every_steps=100)
-  c.checkpoint.every_steps = steps
+  c.checkpoint.update(every_steps=steps, every_secs=3600.0, first_step=100)
   c.eval.update(every_steps=10 * steps, nfe=(1, 2), num_samples=50_000,
                 batch_size=256, labels="balanced")
   c.sample.update(every_steps=steps, grid_size=8, nfe=1)
