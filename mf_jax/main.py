@@ -12,6 +12,8 @@ collectives between processes use gloo).
 """
 
 import json
+import os
+import sys
 
 import jax
 from absl import app
@@ -19,7 +21,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mf_jax import checkpointing
+from mf_jax import samplers
 from mf_jax import sharding
+from mf_jax.training import step as step_lib
 from mf_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -28,31 +33,75 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, "
                                "samples and eval results go.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
                           "train (resumes if possible), eval or sample.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step for eval/sample "
-                             "(default: latest).")
+_STEP = flags.DEFINE_integer(
+    "step", None, "Checkpoint step to evaluate, sample or resume training "
+    "from (default: the latest; in training, later checkpoints are moved "
+    "aside to checkpoints/superseded_<step>).")
+_START_FRESH = flags.DEFINE_bool(
+    "start_fresh", False, "Train from scratch when the checkpoints cannot be "
+    "resumed (saved with other shapes, or none readable), after archiving "
+    "them to checkpoints.archived-<k>; readable, fitting ones still resume.")
 _NFE = flags.DEFINE_string("nfe", None, "Sample mode's schedule: N steps, "
                            "or explicit times such as '1,0.6,0'.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_nfe(text: str | None) -> int | str | None:
+  """--nfe as sample mode takes it: an int N >= 1 (uniform N steps), times
+  such as '1,0.6,0' descending from 1 to 0, or None (the config's). Any
+  other value is a one-line error naming the flag, never a silent fallback
+  to the config (0 used to read as 'unset')."""
+  if text is None:
+    return None
+  try:
+    nfe = int(text)
+  except ValueError:
+    nfe = text.strip()
+  try:
+    samplers.parse_schedule(nfe)
+  except ValueError as e:
+    raise ValueError(f"--nfe={text!r} is not a sampling schedule: expected "
+                     "a step count >= 1 or times descending from 1 to 0 "
+                     "such as '1,0.6,0'.") from e
+  return nfe
+
+
 def main(argv):
   del argv
+  nfe = parse_nfe(_NFE.value)  # before anything starts or compiles
+  if nfe is not None and _MODE.value != "sample":
+    raise ValueError(f"--nfe is for --mode=sample; --mode={_MODE.value} "
+                     "reads eval.nfe (eval) or sample.nfe (grids).")
   sharding.initialize_distributed()
   logging.info("Process %d/%d, devices: %s", jax.process_index(),
                jax.process_count(), jax.devices())
   config, workdir = _CONFIG.value, _WORKDIR.value
   if _MODE.value == "train":
-    results = trainer.train_and_evaluate(config, workdir)
+    results = trainer.train_and_evaluate(config, workdir, _STEP.value,
+                                         _START_FRESH.value)
   elif _MODE.value == "eval":
     results = trainer.evaluate_checkpoint(config, workdir, _STEP.value)
   else:
-    nfe = _NFE.value
-    nfe = int(nfe) if nfe and nfe.isdigit() else nfe
     results = {"png": trainer.sample_checkpoint(config, workdir, _STEP.value,
                                                 nfe)}
   if jax.process_index() == 0:
     print(json.dumps(results, sort_keys=True))
 
 
+def run(argv):
+  """`main`, with the errors a run can meet after start-up (checkpoints
+  that do not fit or fail to save, non-finite training) reported as the
+  last line on stderr: the process exits at once, so nothing that shuts
+  down after it (orbax's threads, the distributed client) buries it."""
+  try:
+    main(argv)
+  except (checkpointing.CheckpointError, step_lib.NonFiniteError) as e:
+    logging.exception("Stopped:")
+    logging.flush()
+    sys.stdout.flush()
+    print(f"mf_jax: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(run)

@@ -232,11 +232,8 @@ def test_two_hosts_sigterm_one_then_resume_match_one_host(runs, tmp_path):
   assert 1 <= stopped < NUM_STEPS, stopped
   assert logged(workdir)[-1]["step"] == stopped
   for i in range(2):
-    assert f"SIGTERM: saved step {stopped}," in open(
+    assert f"Stop signal: saved step {stopped}," in open(
         os.path.join(logs, f"host{i}_10000.log")).read()
-  data_dir = os.path.join(workdir, "checkpoints", str(stopped), "data")
-  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
-      os.listdir(data_dir))
   procs = _launch_two_hosts(workdir, NUM_STEPS, logs)
   assert _wait_all(procs) == [0, 0], open(
       os.path.join(logs, f"host0_{NUM_STEPS}.log")).read()[-3000:]

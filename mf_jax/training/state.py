@@ -16,11 +16,19 @@ class TrainState(flax.struct.PyTreeNode):
 
   `ema_params` maps each decay (as a string, e.g. '0.9999') to its EMA copy
   of the parameters, initialised equal to them as in the official code.
+  The last three fields record non-finite steps without a host sync:
+  `nonfinite_step` is the first step whose loss, gradient or updated
+  parameters were not finite (0: none), `nonfinite_what` says which (bits
+  1, 2, 4: see training/step.py),
+  `skipped_steps` counts the updates dropped for it.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   ema_params: dict[str, Any]
+  nonfinite_step: jax.Array
+  nonfinite_what: jax.Array
+  skipped_steps: jax.Array
 
 
 def ema_key(decay: float) -> str:
@@ -86,10 +94,11 @@ def init_state(rng, model, tx, input_shape, ema_decays) -> TrainState:
   z = jnp.zeros((1, *input_shape), jnp.float32)
   t = jnp.ones((1,), jnp.float32)
   params = model.init(rng, z, t, t, jnp.zeros((1,), jnp.int32))["params"]
+  zero = jnp.zeros((), jnp.int32)
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      opt_state=tx.init(params),
-      ema_params={ema_key(d): params for d in ema_decays})
+      step=zero, params=params, opt_state=tx.init(params),
+      ema_params={ema_key(d): params for d in ema_decays},
+      nonfinite_step=zero, nonfinite_what=zero, skipped_steps=zero)
 
 
 def abstract_state(model, tx, config, mesh):

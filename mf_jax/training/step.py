@@ -1,29 +1,75 @@
 """The train step: loss, gradient, optimizer update and EMA, one jit."""
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from mf_jax import sharding
 from mf_jax.training.state import TrainState
 
+NONFINITE_LOSS, NONFINITE_GRAD, NONFINITE_PARAMS = 1, 2, 4
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a non-finite loss, gradient or parameter."""
+
 
 def train_step(state: TrainState, batch, rng, *, loss_fn, tx, schedule):
   """One update. The step is folded into the RNG, so a resumed run draws
-  the same noise and times as an uninterrupted one."""
+  the same noise and times as an uninterrupted one.
+
+  A step whose loss, gradient or updated parameters are not finite changes nothing but the step
+  counter and the non-finite record (both `on_nonfinite` policies drop its
+  update): the state stays finite, so it can never be saved poisoned, and
+  the host learns of it from one scalar it reads at log and save steps.
+  """
   rng = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, metrics), grads = grad_fn(state.params, batch, rng)
+  (loss, metrics), grads = grad_fn(state.params, batch, rng)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  param_norm = optax.tree.norm(params)
+  what = (jnp.where(jnp.isfinite(loss), 0, NONFINITE_LOSS)
+          + jnp.where(jnp.isfinite(grad_norm), 0, NONFINITE_GRAD)
+          + jnp.where(jnp.isfinite(param_norm), 0, NONFINITE_PARAMS))
+  finite = what == 0
   ema_params = {
       key: optax.incremental_update(params, ema, 1.0 - float(key))
       for key, ema in state.ema_params.items()}
-  metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                 param_norm=optax.tree.norm(params),
-                 lr=schedule(state.step))
-  new_state = TrainState(step=state.step + 1, params=params,
-                         opt_state=opt_state, ema_params=ema_params)
+  keep = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  step = state.step + 1
+  first = (state.nonfinite_step == 0) & ~finite
+  new_state = TrainState(
+      step=step, params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      ema_params=keep(ema_params, state.ema_params),
+      nonfinite_step=jnp.where(first, step, state.nonfinite_step),
+      nonfinite_what=jnp.where(first, what, state.nonfinite_what),
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+  metrics = dict(metrics, grad_norm=grad_norm, param_norm=param_norm,
+                 lr=schedule(state.step),
+                 skipped_steps=new_state.skipped_steps,
+                 nonfinite_step=new_state.nonfinite_step,
+                 nonfinite_what=new_state.nonfinite_what)
   return new_state, metrics
+
+
+def nonfinite_message(step: int, what: int, values: dict | None = None) -> str:
+  """One line: which quantity stopped being finite, and at which step."""
+  names = [n for bit, n in ((NONFINITE_LOSS, "loss"),
+                            (NONFINITE_GRAD, "gradient norm"),
+                            (NONFINITE_PARAMS, "updated parameters"))
+           if what & bit]
+  shown = ""
+  if values:
+    shown = " (" + ", ".join(f"{k}={values[k]}" for k in ("loss", "grad_norm")
+                             if k in values) + ")"
+  return (f"Non-finite {' and '.join(names) or 'value'} at step {step}"
+          f"{shown}; its update was dropped and no non-finite state was "
+          "saved. Lower optimizer.lr (or set optimizer.grad_clip_norm), or "
+          "set training.on_nonfinite=skip to skip such steps.")
 
 
 def jit_train_step(loss_fn, tx, schedule, state_shardings, mesh):

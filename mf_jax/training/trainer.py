@@ -10,25 +10,29 @@ import functools
 import json
 import os
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import periodic_actions
-from etils import epath
 from jax.experimental import multihost_utils
 
 from mf_jax import checkpointing
+from mf_jax import files
 from mf_jax import models
 from mf_jax import objectives
+from mf_jax import preflight
 from mf_jax import samplers
 from mf_jax import sharding
 from mf_jax.data import pipeline
 from mf_jax.evaluation import evaluator as evaluator_lib
+from mf_jax.evaluation import fid_eval
 from mf_jax.evaluation import images
 from mf_jax.models import vae
 from mf_jax.training import state as state_lib
+from mf_jax.training import resume
 from mf_jax.training import step as step_lib
 from mf_jax.training import writers
 
@@ -42,8 +46,9 @@ class Experiment:
     self.config = config
     self.workdir = workdir
     # Cheap validation first: a bad name fails before any compilation.
+    preflight.validate_config(config)
     self.objective = objectives.validate(config.objective)
-    check_local_files(config)
+    fid_eval.check_files(config)  # opens VAE/Inception/statistics files
     for schedule in (*config.eval.nfe, sample_schedule(config)):
       samplers.parse_schedule(schedule)
     self.mesh = sharding.make_mesh(config.mesh, devices)
@@ -95,8 +100,12 @@ class Experiment:
     return jax.jit(self.init_fn, out_shardings=self.state_shardings)(
         jax.random.key(self.config.training.seed))
 
-  def restore(self, data_iterator=None, step=None):
-    return self.checkpointer.restore(self.abstract_state, data_iterator, step)
+  def restore(self, step=None):
+    """(state, step) of checkpoint `step` (default: the latest readable),
+    or (None, 0); reads only: damaged checkpoints are passed over, not
+    moved (training's resume moves them aside)."""
+    return resume.restore(self.checkpointer, self.abstract_state,
+                          self.config, step=step, repair=False)
 
   def eval_params(self, state):
     """The parameters evaluation uses: an EMA copy unless ema_decay == 0."""
@@ -112,25 +121,6 @@ class Experiment:
                                    self.input_shape)
 
 
-def check_local_files(config):
-  """Weights and statistics the config names exist, and FID has what it
-  needs: one-line errors before anything compiles."""
-  kind = pipeline.dataset_kind(config.data.name)
-  files = {"data.vae": config.data.get("vae"),
-           "eval.inception": config.eval.get("inception"),
-           "eval.ref_stats": config.eval.get("ref_stats")}
-  for field, path in files.items():
-    if path and not os.path.exists(path):
-      raise FileNotFoundError(f"{field}={path!r} does not exist; weights and "
-                              "statistics are local files (no downloads).")
-  if bool(files["eval.inception"]) != bool(files["eval.ref_stats"]):
-    raise ValueError("FID needs both eval.inception (pytorch-fid's Inception "
-                     "weights) and eval.ref_stats (reference statistics).")
-  if files["eval.inception"] and kind == "latents" and not files["data.vae"]:
-    raise ValueError("FID of latent samples needs data.vae=FILE (the SD-VAE "
-                     "the latents were made with) to decode them.")
-
-
 def absolute(workdir: str) -> str:
   """A local workdir made absolute (orbax wants that); URIs as they are."""
   return workdir if "://" in workdir else os.path.abspath(workdir)
@@ -141,17 +131,6 @@ def sample_schedule(config) -> int | str:
   return config.sample.get("timesteps") or config.sample.nfe
 
 
-def write_json(path: str, record: dict):
-  """Writes a JSON file atomically, on process 0 only; `path` may be local
-  or a cloud URI such as gs://bucket/run/eval/1000.json (etils.epath)."""
-  if jax.process_index() == 0:
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    tmp.replace(path)
-
-
 def evaluate(exp: Experiment, state, step: int, evaluator) -> dict:
   """Scores the eval parameters and writes WORKDIR/eval/<step>.json."""
   rng = jax.random.key(exp.config.training.seed + 1)
@@ -159,7 +138,7 @@ def evaluate(exp: Experiment, state, step: int, evaluator) -> dict:
   results = evaluator(params, rng)
   if exp.config.eval.inception:
     results.update(_fid_results(exp, params, step))
-  write_json(os.path.join(exp.workdir, "eval", f"{step}.json"), results)
+  files.write_json(os.path.join(exp.workdir, "eval", f"{step}.json"), results)
   return results
 
 
@@ -167,13 +146,12 @@ def _fid_results(exp: Experiment, params, step: int) -> dict:
   """FID and Inception Score at each eval NFE, from eval.num_samples
   class-balanced samples; each NFE's full record (weights, statistics,
   sample count) is WORKDIR/eval/fid_<step>_nfe<N>.json."""
-  # Imported here: the FID driver builds on this module (Experiment).
-  from mf_jax.evaluation import fid_eval  # pylint: disable=g-import-not-at-top
   c = exp.config
   results = {}
   for nfe in c.eval.nfe:
     record = fid_eval.score_params(
-        exp, params, step, inception_path=c.eval.inception,
+        c, exp.u_fn, exp.mesh, exp.input_shape, params, step,
+        workdir=exp.workdir, inception_path=c.eval.inception,
         ref_stats_path=c.eval.ref_stats, num_samples=c.eval.num_samples,
         nfe=nfe, vae_path=c.data.vae or None, batch_size=c.eval.batch_size,
         seed=c.training.seed)
@@ -213,60 +191,166 @@ def save_sample_grid(exp: Experiment, state, step: int, evaluator,
   return path
 
 
-class _Preemption:
-  """Decides when to save and exit early, at the same step on every host.
+class StopSignals:
+  """Turns SIGTERM, SIGINT and SIGHUP into "save at one step, then exit".
 
-  One process: SIGTERM sets a flag the loop reads after each step.
+  SIGTERM is preemption; SIGINT is Ctrl-C (a second one exits at once);
+  SIGHUP is a dropped ssh session or terminal, which must not kill a run
+  without its checkpoint.
 
+  One process: each signal sets a flag the loop reads after every step.
   Several processes: `jax.distributed.initialize` starts JAX's preemption
-  sync manager, which catches SIGTERM itself (so no Python handler is
-  installed: it would replace the manager's), passes the notice through the
-  coordination service to every host, and fixes one step for all of them
-  (the largest step any host has reached, plus one). Asking
-  `reached_preemption_sync_point(step)` every step is a local check: no
-  device work and no host round trip until a notice arrives. It works on
-  CPU (gloo) as on TPU and GPU. If the service is switched off
-  (jax_enable_preemption_service=False), each host's SIGTERM flag is
-  gathered from all hosts every step instead, a small collective per step.
+  sync manager, which catches SIGTERM itself, passes the notice through the
+  coordination service to every host and fixes one step for all of them;
+  asking `reached_preemption_sync_point(step)` every step is a local check
+  until a notice arrives. SIGINT and SIGHUP are forwarded to it as SIGTERM.
+  If that service is off (jax_enable_preemption_service=False), each host's
+  flag is gathered from all hosts every step, a small collective per step.
+  Used as a context manager: the previous handlers come back afterwards.
   """
 
+  SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
   def __init__(self):
-    self._flag = False
+    self.received = None
     self._multi_host = jax.process_count() > 1
     self._sync_manager = self._multi_host and (
         jax.config.jax_enable_preemption_service)
-    if not self._sync_manager:
-      signal.signal(signal.SIGTERM, self._handle)
+    self._previous = {}
+
+  def __enter__(self):
+    for signum in self.SIGNALS:
+      if signum == signal.SIGTERM and self._sync_manager:
+        continue  # JAX's handler
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self._flag = True
+    del frame
+    if signum == signal.SIGINT and self.received == signal.SIGINT:
+      raise KeyboardInterrupt  # the second Ctrl-C: out now, no save
+    self.received = signum
+    logging.warning("%s received: saving a checkpoint, then exiting (Ctrl-C "
+                    "again exits at once).", signal.Signals(signum).name)
+    if self._sync_manager:
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def stop_at(self, step: int) -> bool:
     """Whether to save at `step` and stop; call it once for every step."""
     if self._sync_manager:
       return multihost_utils.reached_preemption_sync_point(step)
     if self._multi_host:
-      flags = multihost_utils.process_allgather(np.int32(self._flag))
+      flags = multihost_utils.process_allgather(
+          np.int32(self.received is not None))
       return bool(np.any(flags))
-    return self._flag
+    return self.received is not None
 
 
-def train_and_evaluate(config, workdir: str):
-  """Trains (resuming if possible) and returns the last eval results."""
+class SaveSchedule:
+  """When to checkpoint: every `checkpoint.every_steps`, once early at
+  `checkpoint.first_step`, at the last step, and once `every_secs` have
+  passed since the last save. Time is read at log steps only, and process
+  0's reading decides for every host (their clocks and speeds differ)."""
+
+  def __init__(self, config):
+    self.every = config.checkpoint.every_steps
+    self.first = config.checkpoint.first_step
+    self.every_secs = config.checkpoint.every_secs
+    self.num_steps = config.training.num_steps
+    self.saved()
+
+  def saved(self):
+    self._last = time.monotonic()
+
+  def due(self, step: int, log_step: bool) -> bool:
+    if step == self.num_steps or step == self.first or (
+        self.every > 0 and step % self.every == 0):
+      return True
+    if not (self.every_secs > 0 and log_step):
+      return False
+    late = time.monotonic() - self._last >= self.every_secs
+    if jax.process_count() > 1:
+      late = bool(multihost_utils.broadcast_one_to_all(np.int32(late)))
+    return late
+
+
+def checkpoint_meta(exp: Experiment, state, step: int) -> dict:
+  """The record saved beside the state: see `checkpointing`."""
+  digest, finite = checkpointing.fingerprint(state)
+  if not finite:
+    raise checkpointing.CheckpointError(
+        f"The state at step {step} is not finite; not saving it.")
+  return {"step": step, "fingerprint": digest,
+          "tree": checkpointing.leaf_signatures(exp.abstract_state),
+          "config": json.loads(exp.config.to_json_best_effort()),
+          "process_count": jax.process_count()}
+
+
+def check_finite(config, metrics, step: int):
+  """Raises at the first non-finite step (policy 'stop'); `metrics` are
+  host values that carry the state's non-finite record."""
+  bad_step = int(metrics["nonfinite_step"])
+  if bad_step and config.training.on_nonfinite == "stop":
+    raise step_lib.NonFiniteError(step_lib.nonfinite_message(
+        bad_step, int(metrics["nonfinite_what"]),
+        metrics if bad_step == step else None))
+
+
+def guarded(config, what: str, fn, *args):
+  """Runs a sample grid or an evaluation; an error is logged with its
+  traceback and training goes on (eval.errors_fatal=True re-raises)."""
+  try:
+    return fn(*args)
+  except Exception:  # pylint: disable=broad-except
+    if config.eval.errors_fatal:
+      raise
+    logging.exception("%s failed; training goes on (the checkpoint of this "
+                      "step is saved; set eval.errors_fatal=True to stop "
+                      "instead).", what)
+    return None
+
+
+def train_and_evaluate(config, workdir: str, step: int | None = None,
+                       start_fresh: bool = False):
+  """Trains (resuming if possible) and returns the last eval results.
+
+  `step` resumes from that checkpoint instead of the latest (later ones are
+  moved aside); `start_fresh` archives checkpoints that cannot be resumed
+  (another config's shapes, or none readable) and starts from scratch.
+  """
   exp = Experiment(config, workdir)
-  # The run's config beside its checkpoints, so tools (export) rebuild it.
-  write_json(os.path.join(workdir, "config.json"),
-              json.loads(config.to_json_best_effort()))
-  data_iterator = pipeline.make_train_iterator(
-      config, sharding.process_batch_rows(exp.mesh, config.training.batch_size))
-  state, start_step = exp.restore(data_iterator)
+  state, start_step = resume.restore(
+      exp.checkpointer, exp.abstract_state, config, step=step,
+      start_fresh=start_fresh)
+  num_steps = config.training.num_steps
   if state is None:
-    state, start_step = exp.new_state(), 0
+    state = exp.new_state()
+  elif start_step >= num_steps:
+    logging.warning("Checkpoint step %d >= training.num_steps=%d: nothing to "
+                    "train (raise --config.training.num_steps to go on).",
+                    start_step, num_steps)
+    exp.checkpointer.close()
+    return {}
   else:
     logging.info("Resumed from step %d.", start_step)
-  if jax.process_count() > 1:  # e.g. a host that could not read the latest
-    multihost_utils.assert_equal(start_step, "Hosts resumed different steps.")
+  # The run's config beside its checkpoints, so tools (export) rebuild it.
+  files.write_json(os.path.join(workdir, "config.json"),
+             json.loads(config.to_json_best_effort()))
+  data_iterator = pipeline.make_train_iterator(
+      config, sharding.process_batch_rows(exp.mesh, config.training.batch_size),
+      start_step)
+  with StopSignals() as signals:
+    results = _train_loop(exp, state, start_step, data_iterator, signals)
+  return results
+
+
+def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
+                signals: StopSignals) -> dict:
+  config, workdir = exp.config, exp.workdir
   rng = jax.random.key(config.training.seed)
   train_step = exp.jit_train_step()
   batch_sharding = sharding.batch_sharding(exp.mesh)
@@ -274,7 +358,7 @@ def train_and_evaluate(config, workdir: str):
   writer = writers.create_writer(workdir)
   progress = periodic_actions.ReportProgress(
       num_train_steps=config.training.num_steps, writer=writer)
-  preemption = _Preemption()
+  schedule = SaveSchedule(config)
   num_steps, results = config.training.num_steps, {}
 
   def every(n, step):
@@ -290,23 +374,29 @@ def train_and_evaluate(config, workdir: str):
     jax.block_until_ready(previous_metrics)
     previous_metrics = metrics
     progress(step)
-    if every(config.training.log_every_steps, step):
+    log_step = every(config.training.log_every_steps, step)
+    if log_step:
       metrics = jax.device_get(metrics)
-      if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"Loss is {metrics['loss']} at step {step}.")
+      check_finite(config, metrics, step)
       writer.write_scalars(step, metrics)
       writer.flush()
-    if every(config.sample.every_steps, step):
-      save_sample_grid(exp, state, step, evaluator)
-    if every(config.eval.every_steps, step):
-      results = evaluate(exp, state, step, evaluator)
-      writer.write_scalars(step, results)
-    stop = preemption.stop_at(step)
-    if every(config.checkpoint.every_steps, step) or stop:
-      exp.checkpointer.save(step, state, data_iterator, force=stop)
+      exp.checkpointer.check_for_errors()
+    stop = signals.stop_at(step)
+    if schedule.due(step, log_step) or stop:
+      check_finite(config, jax.device_get(metrics), step)
+      exp.checkpointer.save(step, state, checkpoint_meta(exp, state, step))
+      schedule.saved()
     if stop:
-      logging.warning("SIGTERM: saved step %d, exiting.", step)
+      exp.checkpointer.wait()
+      logging.warning("Stop signal: saved step %d, exiting.", step)
       break
+    if every(config.sample.every_steps, step):
+      guarded(config, f"Sample grid at step {step}", save_sample_grid, exp,
+              state, step, evaluator)
+    if every(config.eval.every_steps, step):
+      results = guarded(config, f"Evaluation at step {step}", evaluate, exp,
+                        state, step, evaluator) or results
+      writer.write_scalars(step, results)
   exp.checkpointer.wait()
   exp.checkpointer.close()
   writer.close()
@@ -323,6 +413,7 @@ def _restore_for_inference(exp: Experiment, step: int | None):
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None):
   """The 'eval' mode: scores a saved checkpoint (latest by default)."""
+  preflight.check_writable(os.path.join(workdir, "eval"), "evaluation results")
   exp = Experiment(config, workdir)
   state, step = _restore_for_inference(exp, step)
   results = evaluate(exp, state, step, exp.make_evaluator())
