@@ -10,38 +10,21 @@ on one device, one host's devices, or every device of a multi-host job.
 """
 
 import math
-import os
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from mf_jax import distributed
 
 AXES = ("data", "fsdp")
 BATCH_SPEC = P(AXES)
 FSDP_MIN_SIZE = 2**18  # parameters with fewer elements stay replicated
 
 
-def initialize_distributed():
-  """Starts jax.distributed when the environment announces several processes.
-
-  SLURM (SLURM_NTASKS > 1) and Cloud TPU pods (TPU_WORKER_HOSTNAMES lists
-  several hosts) are detected by JAX; elsewhere set JAX_COORDINATOR_ADDRESS
-  (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID. One
-  process needs nothing. Every entry point (training, FID, latent
-  preparation) calls this first.
-  """
-  env = os.environ
-  if (int(env.get("SLURM_NTASKS", "1")) > 1
-      or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-      or env.get("JAX_COORDINATOR_ADDRESS")):
-    jax.distributed.initialize(num_processes=_env_int("JAX_NUM_PROCESSES"),
-                               process_id=_env_int("JAX_PROCESS_ID"))
-
-
-def _env_int(name: str) -> int | None:
-  """An integer from the environment; None lets JAX detect the cluster."""
-  value = os.environ.get(name)
-  return None if value is None else int(value)
+# Every entry point calls this first; `distributed` says how each platform
+# (Cloud TPU VM, GKE, SLURM, an explicit coordinator) is recognised.
+initialize_distributed = distributed.initialize
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
