@@ -62,13 +62,27 @@ def official_to_mf_jax(net_tree) -> dict:
 def load_official_checkpoint(checkpoint_dir: str) -> dict:
   """Reads `checkpoint_<step>/` into {'step', 'params', 'ema_params'} (ours).
 
-  Adam moments are dropped: only the weights transfer.
+  Adam moments are dropped: only the weights transfer. A file that is not
+  such a checkpoint (truncated, overwritten, another format) fails with one
+  line naming it; the decoder's own error is chained for the details.
   """
-  with open(os.path.join(checkpoint_dir, "checkpoint"), "rb") as f:
-    state = flax.serialization.msgpack_restore(f.read())
-  return {"step": int(state["step"]),
-          "params": official_to_mf_jax(state["params"]["net"]),
-          "ema_params": official_to_mf_jax(state["ema_params"]["net"])}
+  path = os.path.join(checkpoint_dir, "checkpoint")
+  with open(path, "rb") as f:  # an OSError here says what it is
+    data = f.read()
+  try:
+    state = flax.serialization.msgpack_restore(data)
+    nets = {k: state[k]["net"] for k in ("params", "ema_params")}
+    step = int(state["step"])
+  except Exception as e:  # msgpack raises many types; all mean the same here
+    reason = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ValueError(
+        f"{path} is not a readable official MeanFlow checkpoint "
+        f"({type(e).__name__}: {reason}); expected the msgpack of "
+        "{step, params['net'], ema_params['net']} the official trainer "
+        "writes: the file is damaged or of another format.") from e
+  return {"step": step,
+          "params": official_to_mf_jax(nets["params"]),
+          "ema_params": official_to_mf_jax(nets["ema_params"])}
 
 
 def dit_config_from_official(meta: dict) -> ml_collections.ConfigDict:
