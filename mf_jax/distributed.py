@@ -31,6 +31,7 @@ processes but has no client, with the variable to set, instead of letting it
 fail at its first checkpoint.
 """
 
+import http.client
 import os
 import urllib.error
 import urllib.request
@@ -188,8 +189,8 @@ def _cloud_tpu_vm(env) -> str | None:
     return None
   endpoints = gce_metadata("worker-network-endpoints")
   if endpoints is None:
-    logging.warning("On a Cloud TPU VM, but its metadata server did not list "
-                    "the slice's workers: assuming one worker.")
+    logging.info("On a Cloud TPU VM whose metadata server lists no workers: "
+                 "assuming one.")
     return None
   workers = len([w for w in endpoints.split(",") if w.strip()])
   processes = workers * _count(env, "MEGASCALE_NUM_SLICES")
@@ -213,5 +214,6 @@ def gce_metadata(key: str, timeout: float = METADATA_TIMEOUT_S) -> str | None:
   try:
     with opener.open(request, timeout=timeout) as response:
       return response.read().decode()
-  except (urllib.error.URLError, OSError, ValueError):
+  except (urllib.error.URLError, http.client.HTTPException, OSError,
+          ValueError):
     return None
