@@ -1,16 +1,20 @@
 """The ImageNet paper configs build the paper's models and carry its settings,
-and the plan tool compiles a train step for a TPU slice this host lacks."""
+the plan tool compiles a train step for a TPU slice this host lacks, and
+values out of range fail up front in one line."""
 
 import importlib
 import os
 import sys
 
 import jax
+import ml_collections
 import pytest
 
 from mf_jax import config_lib
 from mf_jax import models
+from mf_jax import preflight
 from mf_jax.tools import plan
+from mf_jax.training import trainer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import digits  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -133,3 +137,96 @@ def test_plan_cpu_path_reports_fit_against_a_given_hbm():
   assert report["hbm_fraction"] == round(
       report["train_step_total_bytes"] / 2**32, 3) > 0
   assert report["train_step_argument_bytes"] < 0.4 * 16 * report["params"]
+
+
+CONFIG_FILES = sorted(name[:-3] for name in os.listdir(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                 "configs")) if name.endswith(".py") and name != "__init__.py")
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_shipped_configs_pass_validation(name):
+  preflight.validate_config(_paper_config(name))
+
+
+# field, a value out of range, what the message says is valid.
+OUT_OF_RANGE = [
+    ("training.batch_size", 0, ">= 1"),
+    ("training.num_steps", 0, ">= 1"),
+    ("training.log_every_steps", -1, ">= 0"),
+    ("training.on_nonfinite", "ignore", "one of ('stop', 'skip')"),
+    ("training.ema_decays", (0.999, 1.0), "decays in [0, 1)"),
+    ("training.ema_decays", (-0.5,), "decays in [0, 1)"),
+    ("eval.every_steps", -5, ">= 0"),
+    ("eval.num_samples", 0, ">= 1 when eval.every_steps > 0"),
+    ("eval.batch_size", 0, ">= 1"),
+    ("eval.ema_decay", 0.5, "one of training.ema_decays=(0.999,)"),
+    ("sample.every_steps", -1, ">= 0"),
+    ("sample.grid_size", 0, ">= 1"),
+    ("checkpoint.max_to_keep", 0, ">= 1"),
+    ("checkpoint.every_steps", -1, ">= 0"),
+    ("checkpoint.every_secs", -60.0, ">= 0"),
+    ("checkpoint.first_step", -1, ">= 0"),
+    ("profile.start_step", -1, ">= 0"),
+    ("profile.num_steps", -2, ">= 0"),
+]
+
+
+@pytest.mark.parametrize("field,value,valid", OUT_OF_RANGE)
+def test_out_of_range_field_is_one_line_naming_it(field, value, valid):
+  config = digits.get_config()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError) as error:
+    preflight.validate_config(config)
+  message = str(error.value)
+  assert "\n" not in message
+  assert message.startswith(f"Invalid config: {field}={value!r} (must be ")
+  assert valid in message
+
+
+def test_every_problem_is_listed_and_conditions_hold():
+  config = digits.get_config()
+  config.training.batch_size = 0
+  config.checkpoint.max_to_keep = 0
+  with pytest.raises(ValueError, match=r"training\.batch_size=0 .*; "
+                     r"checkpoint\.max_to_keep=0 "):
+    preflight.validate_config(config)
+  # No evaluation and no FID: eval.num_samples is not used, so 0 is fine;
+  # FID configured makes it needed again.
+  config = digits.get_config()
+  config.eval.update(every_steps=0, num_samples=0)
+  preflight.validate_config(config)
+  config.eval.inception = "pt_inception.pth"
+  with pytest.raises(ValueError, match="eval.num_samples=0"):
+    preflight.validate_config(config)
+  # eval.ema_decay: 0 (online) and < 0 (the first EMA) need no match; the
+  # first EMA needs one to exist.
+  config = digits.get_config()
+  for decay in (0.0, -1.0, 0.999):
+    config.eval.ema_decay = decay
+    preflight.validate_config(config)
+  config.eval.ema_decay = -1.0
+  config.training.ema_decays = ()
+  with pytest.raises(ValueError, match="training.ema_decays is empty"):
+    preflight.validate_config(config)
+
+
+def test_a_saved_config_without_newer_fields_still_validates():
+  """A run's config.json from before a field existed (the export tool
+  rebuilds runs from it) is not rejected for what it lacks."""
+  config = config_lib.base_config().to_dict()
+  del config["profile"]
+  del config["training"]["on_nonfinite"]
+  del config["checkpoint"]["every_secs"]
+  preflight.validate_config(ml_collections.ConfigDict(config))
+
+
+def test_batch_size_zero_fails_in_the_experiment_before_the_mesh():
+  """It used to pass the divisibility check (0 % 8 == 0) and die in a
+  reshape of the first batch."""
+  config = digits.get_config()
+  config.training.batch_size = 0
+  with pytest.raises(ValueError, match=r"training\.batch_size=0 \(must be "
+                     r">= 1\)"):
+    trainer.Experiment(config, "/nonexistent/workdir")
