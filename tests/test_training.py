@@ -112,6 +112,17 @@ def test_cli_rejects_bad_input_before_compiling(tmp_path):
   done = _cli("--config=configs/toy2d.py", f"--workdir={tmp_path}",
               "--config.training.batch_size=12")
   assert done.returncode != 0 and "not divisible" in done.stderr
+  # batch_size=0 passed the divisibility check and died in a reshape;
+  # eval.num_samples=0 failed at the first evaluation. Both, in one line.
+  done = _cli("--config=configs/toy2d.py", f"--workdir={tmp_path}",
+              "--config.training.batch_size=0",
+              "--config.eval.num_samples=0")
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1] == (
+      "ValueError: Invalid config: training.batch_size=0 (must be >= 1); "
+      "eval.num_samples=0 (must be >= 1 when eval.every_steps > 0 or FID "
+      "is configured).")
+  assert os.listdir(tmp_path) == []  # nothing written: no config.json
 
 
 def _run_until_checkpoint_then_kill(args, checkpoints, min_step):
