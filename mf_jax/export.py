@@ -124,6 +124,9 @@ def save(path: str, params, model_config, **metadata) -> dict:
   if clash:
     raise ValueError(f"Metadata keys {clash} collide with model config "
                      "fields.")
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"{path} is a directory; an export is written "
+                            "to a file, NAME.safetensors.")
   tensors = flatten_params(params)
   check_finite(tensors, f"Refusing to export {path}")
   record = {**config, **metadata, "format": FORMAT,

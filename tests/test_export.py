@@ -158,6 +158,9 @@ def test_export_without_checkpoint_fails_clearly(tmp_path):
     export_tool.export_run(str(tmp_path), out, config=tiny_toy_config())
   assert not os.path.exists(tmp_path / "checkpoints")
   assert not os.path.exists(out)
+  with pytest.raises(IsADirectoryError, match="is a directory"):
+    export_tool.export_run(str(tmp_path), str(tmp_path),
+                           config=tiny_toy_config())
 
 
 def _random_export(directory, nonfinite=None):
@@ -325,3 +328,6 @@ def test_load_says_what_an_export_is(tmp_path):
   with pytest.raises(ValueError,
                      match=f"{path} is not a readable safetensors file"):
     export.load(path)
+  with pytest.raises(IsADirectoryError, match="an export is written to a "
+                     "file, NAME.safetensors"):
+    export.save(str(tmp_path), {"w": np.zeros(2)}, {"name": "mlp"})

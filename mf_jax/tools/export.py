@@ -82,6 +82,9 @@ def _pick_params(exp, state, ema_decay):
 def export_run(workdir: str, output: str, step: int | None = None,
                config=None, ema_decay: float | None = None) -> dict:
   """Writes `output` and its JSON from a run's checkpoint; returns the JSON."""
+  if os.path.isdir(output):  # before the restore, not after it
+    raise IsADirectoryError(f"--output={output} is a directory; an export "
+                            "is written to a file, NAME.safetensors.")
   config = config if config is not None else run_config(workdir)
   _check_has_checkpoint(workdir)
   exp = trainer.Experiment(config, workdir)
