@@ -63,7 +63,7 @@ local_device_ids() {
     IFS=, read -r -a seen <<< "$CUDA_VISIBLE_DEVICES"
   fi
   node_gpus="$(gpus_on_node "${#seen[@]}")"
-  ((${#seen[@]})) || seen=($(seq 0 $((node_gpus - 1))))
+  ((${#seen[@]})) || mapfile -t seen < <(seq 0 $((node_gpus - 1)))
   ((${#seen[@]})) || return 0  # no GPUs: JAX runs on CPU
   tasks="$(tasks_on_node)"
   if ((tasks > 1 && ${#seen[@]} >= node_gpus)); then

@@ -210,16 +210,16 @@ run() {
 # SUSPENDED, ..., ABSENT (no such resource) or UNKNOWN (gcloud failed). A
 # dry run prints the query and pretends.
 query_state() {
-  local cmd=("${QR[@]}" describe "$TPU_NAME" "${SCOPE[@]}"
-             --format='value(state.state)') errors
+  local describe=("${QR[@]}" describe "$TPU_NAME" "${SCOPE[@]}"
+                  --format='value(state.state)') errors
   if [[ "$DRY_RUN" == 1 ]]; then
-    run "${cmd[@]}"
+    run "${describe[@]}"
     STATE="${DRY_STATES[0]}"
     DRY_STATES=(ACTIVE)
     return 0
   fi
   errors="$(mktemp)"
-  if STATE="$("${cmd[@]}" 2>"$errors")"; then
+  if STATE="$("${describe[@]}" 2>"$errors")"; then
     STATE="${STATE:-UNKNOWN}"
   elif grep -qi 'not.found' "$errors"; then
     STATE=ABSENT
@@ -361,10 +361,10 @@ output_dir() {
 # Prints each worker's output file, worker by worker.
 show_outputs() {
   [[ "$DRY_RUN" == 1 ]] && return
-  local file
-  for file in $(ls "$1" | sort -n); do
-    echo "== worker ${file%.log}"
-    cat "$1/$file"
+  local worker
+  for worker in $(cd "$1" && printf '%s\n' *.log | sort -n); do
+    echo "== worker ${worker%.log}"
+    cat "$1/$worker"
   done
 }
 

@@ -327,6 +327,37 @@ def test_pod_watch_relaunches_a_crashed_run_then_gives_up(tmp_path):
   assert "create" not in steps  # an ACTIVE slice is reused
 
 
+def test_pod_status_and_delete_against_gcloud(tmp_path):
+  _fake(tmp_path, "gcloud", FAKE_GCLOUD)
+  env = _env(tmp_path, GCLOUD_LOG=str(tmp_path / "gcloud.jsonl"),
+             GCLOUD_STATES=str(tmp_path / "states"),
+             GCLOUD_WORKERS=str(tmp_path / "workers"), TPU_NAME="mf",
+             ZONE="z", POLL_SECS="0")
+  (tmp_path / "states").write_text("ACTIVE\n")
+  (tmp_path / "workers").write_text("exited 1\n")
+  result = _run(["bash", POD, "status"], env)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines()[0] == "queued resource mf: ACTIVE"
+  assert result.stdout.splitlines()[2:] == [
+      "== worker 0", "MF_WORKER 0 exited 1", "== worker 1",
+      "MF_WORKER 1 exited 1"]
+  # delete: the trainers save first, then the resource goes, and is gone.
+  (tmp_path / "states").write_text("ACTIVE\nDELETING\nABSENT\n")
+  result = _run(["bash", POD, "delete"], env)
+  assert result.returncode == 0, result.stderr
+  calls = [json.loads(line) for line in
+           (tmp_path / "gcloud.jsonl").read_text().splitlines()][2:]
+  assert [_step(c) for c in calls] == [
+      "describe", "ssh stop", "delete", "describe", "describe"]
+  result = _run(["bash", POD, "delete"], env)
+  assert "no queued resource mf" in result.stderr
+  # train needs an ACTIVE slice.
+  (tmp_path / "states").write_text("SUSPENDED\n")
+  result = _run(["bash", POD, "train", "--workdir=gs://b/r"], env)
+  assert result.returncode == 2
+  assert "mf is SUSPENDED, not ACTIVE" in result.stderr
+
+
 # --- tpu_worker.sh: what runs on each worker ------------------------------
 
 
