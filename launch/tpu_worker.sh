@@ -59,13 +59,14 @@ worker_id() {
     "$METADATA/agent-worker-number" 2>/dev/null || hostname
 }
 
-# pgrep/pkill pattern of a trainer started from the venv. Anchored at the
-# start of the command line, so neither the ssh shell nor _run's wrapper
-# (whose command lines also mention mf_jax.main) match it.
+# pgrep/pkill pattern of a trainer started from a venv of this name, in any
+# user's home. Anchored at the start of the command line, so neither the ssh
+# shell nor _run's wrapper (whose command lines also mention mf_jax.main)
+# match it.
 trainer_pattern() {
-  local python
-  python="$(printf '%s' "$VENV/bin/python" | sed 's/[][\.*^$+?(){}|]/\\&/g')"
-  echo "^${python}[0-9.]* -m mf_jax[.]main( |\$)"
+  local name
+  name="$(basename "$VENV" | sed 's/[][\.*^$+?(){}|]/\\&/g')"
+  echo "^/[^ ]*/${name}/bin/python[0-9.]* -m mf_jax[.]main( |\$)"
 }
 
 trainer_pids() { pgrep -f "$(trainer_pattern)" | tr '\n' ' ' || true; }
