@@ -21,6 +21,7 @@ Choosing which checkpoint to resume from is `training/resume.py`.
 
 import hashlib
 import os
+import re
 import shutil
 
 import jax
@@ -49,6 +50,7 @@ class Checkpointer:
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
         create=True, cleanup_tmp_directories=True)
     self.manager = self._new_manager()
+    self._pending_step = None  # the latest save started
 
   def _new_manager(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(self.directory, item_names=(STATE, META),
@@ -56,8 +58,13 @@ class Checkpointer:
 
   def save(self, step: int, state, meta: dict):
     """Starts saving `state` at `step`; raises if an earlier save failed or
-    orbax declines this one (it skips steps at or below its latest)."""
-    self.check_for_errors()
+    orbax declines this one (it skips steps at or below its latest).
+
+    Waits for the previous save first (orbax would too): so an error is
+    reported with the step it belongs to.
+    """
+    self.wait()
+    self._pending_step = step
     args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                  META: ocp.args.JsonSave(meta)})
     try:
@@ -74,14 +81,14 @@ class Checkpointer:
     try:
       self.manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
-      raise self._save_failure(None, e) from e
+      raise self._save_failure(self._pending_step, e) from e
 
   def wait(self):
     """Blocks until pending saves are on disk; raises if one failed."""
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      raise self._save_failure(None, e) from e
+      raise self._save_failure(self._pending_step, e) from e
 
   def _save_failure(self, step, error) -> CheckpointError:
     self.remove_temporary()
@@ -142,7 +149,10 @@ def _root_cause(error: BaseException) -> str:
   while error.__cause__ is not None or error.__context__ is not None:
     error = error.__cause__ or error.__context__
   text = " ".join(str(error).split())
-  return f"{type(error).__name__}: {text}"[:500]
+  # TensorStore appends "[os_error_code='28']", "[source locations=...]"
+  # and such: the words before them say it.
+  text = re.sub(r"\s*\[[a-z_ ]+=.*$", "", text)
+  return f"{type(error).__name__}: {text}"
 
 
 def _remove_tree(path: epath.Path):

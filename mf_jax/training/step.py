@@ -29,10 +29,11 @@ def train_step(state: TrainState, batch, rng, *, loss_fn, tx, schedule):
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  param_norm = optax.tree.norm(params)
+  # Leaf by leaf, not through the norms: a norm overflows to inf while
+  # every value is still finite.
   what = (jnp.where(jnp.isfinite(loss), 0, NONFINITE_LOSS)
-          + jnp.where(jnp.isfinite(grad_norm), 0, NONFINITE_GRAD)
-          + jnp.where(jnp.isfinite(param_norm), 0, NONFINITE_PARAMS))
+          + jnp.where(_all_finite(grads), 0, NONFINITE_GRAD)
+          + jnp.where(_all_finite(params), 0, NONFINITE_PARAMS))
   finite = what == 0
   ema_params = {
       key: optax.incremental_update(params, ema, 1.0 - float(key))
@@ -48,7 +49,8 @@ def train_step(state: TrainState, batch, rng, *, loss_fn, tx, schedule):
       nonfinite_step=jnp.where(first, step, state.nonfinite_step),
       nonfinite_what=jnp.where(first, what, state.nonfinite_what),
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-  metrics = dict(metrics, grad_norm=grad_norm, param_norm=param_norm,
+  metrics = dict(metrics, grad_norm=grad_norm,
+                 param_norm=optax.tree.norm(params),
                  lr=schedule(state.step),
                  skipped_steps=new_state.skipped_steps,
                  nonfinite_step=new_state.nonfinite_step,
@@ -56,10 +58,15 @@ def train_step(state: TrainState, batch, rng, *, loss_fn, tx, schedule):
   return new_state, metrics
 
 
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(tree)]))
+
+
 def nonfinite_message(step: int, what: int, values: dict | None = None) -> str:
   """One line: which quantity stopped being finite, and at which step."""
   names = [n for bit, n in ((NONFINITE_LOSS, "loss"),
-                            (NONFINITE_GRAD, "gradient norm"),
+                            (NONFINITE_GRAD, "gradient"),
                             (NONFINITE_PARAMS, "updated parameters"))
            if what & bit]
   shown = ""

@@ -34,6 +34,7 @@ from mf_jax.models import vae
 from mf_jax.training import state as state_lib
 from mf_jax.training import resume
 from mf_jax.training import step as step_lib
+from mf_jax.training import throughput
 from mf_jax.training import writers
 
 
@@ -53,6 +54,8 @@ class Experiment:
       samplers.parse_schedule(schedule)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_size(config.training.batch_size, self.mesh)
+    sharding.check_batch_size(config.eval.batch_size, self.mesh,
+                              "eval.batch_size")
     self.model = models.build_model(config.model)
     self.u_fn = state_lib.make_u_fn(self.model)
     self.tx, self.schedule = state_lib.make_optimizer(
@@ -278,6 +281,28 @@ class SaveSchedule:
     return late
 
 
+class Throughput:
+  """Steps per second and model FLOPs utilisation between log steps."""
+
+  def __init__(self, mesh, flops_per_step: float | None, step: int):
+    self.flops_per_step = flops_per_step
+    self.num_devices = mesh.size
+    self.device_kind = mesh.devices.flat[0].device_kind
+    self._step, self._time = step, time.monotonic()
+
+  def measure(self, step: int) -> dict[str, float]:
+    now = time.monotonic()
+    steps_per_sec = (step - self._step) / max(now - self._time, 1e-9)
+    self._step, self._time = step, now
+    out = {"steps_per_sec": steps_per_sec}
+    mfu = throughput.model_flops_utilization(
+        self.flops_per_step, steps_per_sec, self.num_devices,
+        self.device_kind)
+    if mfu is not None:
+      out["mfu"] = mfu
+    return out
+
+
 def checkpoint_meta(exp: Experiment, state, step: int) -> dict:
   """The record saved beside the state: see `checkpointing`."""
   digest, finite = checkpointing.fingerprint(state)
@@ -344,20 +369,41 @@ def train_and_evaluate(config, workdir: str, step: int | None = None,
       config, sharding.process_batch_rows(exp.mesh, config.training.batch_size),
       start_step)
   with StopSignals() as signals:
-    results = _train_loop(exp, state, start_step, data_iterator, signals)
-  return results
+    try:
+      return _train_loop(exp, state, start_step, data_iterator, signals)
+    except Exception:
+      _finish_pending_saves(exp.checkpointer)
+      raise
+
+
+def _finish_pending_saves(checkpointer):
+  """Lets saves already under way (of good states) land before the error
+  that stops the run propagates; their own failure is logged, not raised
+  over the error that is on its way."""
+  try:
+    checkpointer.wait()
+  except Exception:  # pylint: disable=broad-except
+    logging.exception("A pending checkpoint save failed as well.")
 
 
 def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
                 signals: StopSignals) -> dict:
   config, workdir = exp.config, exp.workdir
-  rng = jax.random.key(config.training.seed)
-  train_step = exp.jit_train_step()
+  rng = jax.device_put(jax.random.key(config.training.seed),
+                       sharding.replicated(exp.mesh))
+  # Compiled ahead of time from the abstract shapes: its FLOPs give the
+  # model FLOPs utilisation, and a shape or sharding that does not fit
+  # fails here, not at step one.
+  train_step = exp.lower_train_step().compile()
+  speed = Throughput(exp.mesh, throughput.compiled_flops(train_step),
+                     start_step)
+  profile = throughput.ProfileWindow.from_config(config.profile, workdir)
   batch_sharding = sharding.batch_sharding(exp.mesh)
   evaluator = exp.make_evaluator()
   writer = writers.create_writer(workdir)
+  # Progress and ETA in the log; the scalars come from `speed`.
   progress = periodic_actions.ReportProgress(
-      num_train_steps=config.training.num_steps, writer=writer)
+      num_train_steps=config.training.num_steps)
   schedule = SaveSchedule(config)
   num_steps, results = config.training.num_steps, {}
 
@@ -367,6 +413,7 @@ def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
   previous_metrics = None
   for step in range(start_step + 1, num_steps + 1):
     batch = pipeline.to_global(next(data_iterator), batch_sharding)
+    profile.before_step(step, wait_for=state)
     state, metrics = train_step(state, batch, rng)
     # At most two steps in flight: the device stays busy, the host never runs
     # far ahead (XLA:CPU's fake devices can deadlock in collectives when many
@@ -378,7 +425,7 @@ def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
     if log_step:
       metrics = jax.device_get(metrics)
       check_finite(config, metrics, step)
-      writer.write_scalars(step, metrics)
+      writer.write_scalars(step, {**metrics, **speed.measure(step)})
       writer.flush()
       exp.checkpointer.check_for_errors()
     stop = signals.stop_at(step)
@@ -397,6 +444,7 @@ def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
       results = guarded(config, f"Evaluation at step {step}", evaluate, exp,
                         state, step, evaluator) or results
       writer.write_scalars(step, results)
+  profile.close(wait_for=state)
   exp.checkpointer.wait()
   exp.checkpointer.close()
   writer.close()
@@ -414,6 +462,9 @@ def _restore_for_inference(exp: Experiment, step: int | None):
 def evaluate_checkpoint(config, workdir: str, step: int | None = None):
   """The 'eval' mode: scores a saved checkpoint (latest by default)."""
   preflight.check_writable(os.path.join(workdir, "eval"), "evaluation results")
+  if config.eval.num_samples < 1:
+    raise ValueError(f"eval.num_samples={config.eval.num_samples}: "
+                     "--mode=eval needs at least 1.")
   exp = Experiment(config, workdir)
   state, step = _restore_for_inference(exp, step)
   results = evaluate(exp, state, step, exp.make_evaluator())
@@ -424,6 +475,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None):
 def sample_checkpoint(config, workdir: str, step: int | None = None,
                       nfe: int | str | None = None) -> str | None:
   """The 'sample' mode: writes a PNG of samples from a saved checkpoint."""
+  preflight.check_writable(os.path.join(workdir, "samples"), "sample grids")
   exp = Experiment(config, workdir)
   state, step = _restore_for_inference(exp, step)
   path = save_sample_grid(exp, state, step, exp.make_evaluator(), nfe)
