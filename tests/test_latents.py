@@ -16,10 +16,10 @@ from mf_jax import config_lib
 from mf_jax.data import imagenet
 from mf_jax.data import latents
 from mf_jax.data import pipeline
-from mf_jax.evaluation import fid_eval
 from mf_jax.evaluation import inception
 from mf_jax.evaluation import npz_export
 from mf_jax.models import vae
+from mf_jax.tools import fid as fid_tool
 from mf_jax.tools import prepare_latents
 from mf_jax.training import trainer
 
@@ -215,7 +215,7 @@ def test_trial_config_runs_end_to_end(prepared, tmp_path):
   npz_export.save_npz(ref, np.stack([
       _adm_crop(root / "train" / name / f"img{i}.png")
       for name, sizes in SIZES.items() for i in range(len(sizes))]))
-  record = fid_eval.evaluate_fid(
+  record = fid_tool.evaluate_fid(
       c, workdir, inception_path=inception_file, ref_stats_path=ref,
       num_samples=8, nfe=1, vae_path=weights, batch_size=8,
       inception_size=size, num_splits=2)

@@ -121,3 +121,26 @@ def test_default_config_takes_every_sd_vae_weight():
   zeros = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
   params = vae.from_diffusers(zeros, module)  # raises on any mismatch
   assert set(vae.to_diffusers(params)) == set(shapes)
+
+
+def test_check_weights_reads_headers_and_says_what_is_wrong(torch_vae,
+                                                            tmp_path):
+  """The start-up check (a few shapes from the safetensors header and the
+  config) accepts diffusers' own files and names each kind of mismatch."""
+  _, _, path = torch_vae
+  assert vae.check_weights(str(path)) == TINY["latent_channels"]
+  module = vae.AutoencoderKL(**TINY)
+  weights = vae.save_vae(str(tmp_path / "ours"), vae.random_params(module),
+                         module)
+  assert vae.check_weights(weights, latent_channels=4) == 4
+  with pytest.raises(ValueError, match="decodes 4-channel latents but the "
+                     "model makes 16"):
+    vae.check_weights(weights, latent_channels=16)
+  config = json.loads((tmp_path / "ours" / "config.json").read_text())
+  config["latent_channels"] = 8
+  (tmp_path / "ours" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="takes 4 latent channels but its "
+                     "config says 8"):
+    vae.check_weights(str(tmp_path / "ours"))
+  with pytest.raises(FileNotFoundError, match="No VAE weights"):
+    vae.check_weights(str(tmp_path / "missing"))

@@ -6,6 +6,11 @@ random one of the two (a horizontal flip, which the official MeanFlow code
 skips) and samples `(mean + std * eps) * LATENT_SCALE` with fresh eps each
 time an image is visited, as the official code does on device.
 
+The directory may be local or a URI (gs://...): the manifest and the
+shard listing go through etils.epath, and array_record reads gs:// shards
+itself (builds with GCS support, e.g. 0.8.6; with older ones, mount the
+bucket with gcsfuse and name the mounted directory).
+
 Layout of a latents directory:
   manifest.json                 what was encoded (VAE file, sizes, counts)
   shard-00000-of-01252.array_record ...
@@ -14,12 +19,11 @@ Each record is `label` (int32, little endian) followed by the moments array
 dtype. The format is this raw layout, so reading costs one `np.frombuffer`.
 """
 
-import json
-import os
-
 import grain
 import numpy as np
+from etils import epath
 
+from mf_jax import files
 from mf_jax.models.vae import LATENT_SCALE
 
 MANIFEST = "manifest.json"
@@ -45,27 +49,46 @@ def decode_record(record: bytes, shape, dtype) -> tuple[int, np.ndarray]:
 
 
 def read_manifest(latents_dir: str) -> dict:
-  path = os.path.join(latents_dir or "", MANIFEST)
-  if not latents_dir or not os.path.isfile(path):
+  if not latents_dir or not files.exists(epath.Path(latents_dir) / MANIFEST):
     raise FileNotFoundError(
         f"No latents in data.latents_dir={latents_dir!r} (no {MANIFEST}); "
         f"make them once with: {PREPARE_COMMAND}")
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(epath.Path(latents_dir) / MANIFEST)
 
 
 def shard_paths(latents_dir: str, manifest: dict) -> list[str]:
-  """All shard files; an incomplete preparation is an error, not less data."""
+  """All shard files; an incomplete preparation is an error, not less data.
+
+  One directory listing, not a request per shard: on GCS that is a few
+  list calls instead of ~1,250 round trips on every host.
+  """
   count = manifest["num_shards"]
-  paths = [os.path.join(latents_dir, shard_name(i, count))
-           for i in range(count)]
-  missing = [p for p in paths if not os.path.isfile(p)]
+  names = [shard_name(i, count) for i in range(count)]
+  present = {p.name for p in epath.Path(latents_dir).iterdir()}
+  missing = [name for name in names if name not in present]
   if missing:
     raise FileNotFoundError(
         f"{len(missing)} of {count} latent shards are missing in "
-        f"{latents_dir} (e.g. {os.path.basename(missing[0])}); rerun the "
-        f"same prepare_latents command to finish them: {PREPARE_COMMAND}")
-  return paths
+        f"{latents_dir} (e.g. {missing[0]}); rerun the same "
+        f"prepare_latents command to finish them: {PREPARE_COMMAND}")
+  return [str(epath.Path(latents_dir) / name) for name in names]
+
+
+def _open_shards(paths: list[str]) -> grain.sources.ArrayRecordDataSource:
+  """grain's source over the shards; a build of array_record that cannot
+  read the URI is a one-line error saying what to do instead."""
+  try:
+    return grain.sources.ArrayRecordDataSource(paths)
+  except RuntimeError as e:
+    if not files.is_remote(paths[0]):
+      raise
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise RuntimeError(
+        f"array_record could not open {paths[0]} ({reason}): this build may "
+        "lack GCS support (array-record 0.8.6 reads gs://). Mount the bucket "
+        "with gcsfuse (launch/tpu_pod.sh --latents_bucket=BUCKET) and set "
+        "data.latents_dir to the mounted directory, or upgrade "
+        "array-record.") from None
 
 
 class _SampleLatent(grain.transforms.RandomMap):
@@ -91,8 +114,7 @@ def examples(latents_dir: str, seed: int) -> grain.MapDataset:
   and only the records they take are read.
   """
   manifest = read_manifest(latents_dir)
-  source = grain.sources.ArrayRecordDataSource(
-      shard_paths(latents_dir, manifest))
+  source = _open_shards(shard_paths(latents_dir, manifest))
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   return ds.random_map(
       _SampleLatent(manifest["latent_shape"], manifest["dtype"]),

@@ -17,12 +17,15 @@ which MeanFlow and its successors report):
 - Reference statistics are npz files with `mu` and `sigma` (ADM's reference
   batches such as VIRTUAL_imagenet256_labeled.npz hold them beside the
   images `arr_0`; pytorch-fid's saved statistics use the same keys), or
-  `ref_mu`/`ref_sigma` (the official MeanFlow JAX code's files).
+  `ref_mu`/`ref_sigma` (the official MeanFlow JAX code's files). Paths may
+  be URIs (gs://...): they are read from a local copy (`files.local_copy`).
 """
 
 import numpy as np
+from etils import epath
 from scipy import special
 
+from mf_jax import files
 from mf_jax.evaluation import distances
 
 frechet_distance = distances.frechet_distance
@@ -103,16 +106,39 @@ def _first_key(data, keys, path):
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) from an ADM reference batch or a pytorch-fid/MeanFlow npz."""
-  with np.load(path) as data:
+  with np.load(files.local_copy(path)) as data:
     return _first_key(data, MU_KEYS, path), _first_key(data, SIGMA_KEYS, path)
 
 
 def has_stats(path: str) -> bool:
-  with np.load(path) as data:
+  with np.load(files.local_copy(path)) as data:
     return any(k in data.files for k in MU_KEYS)
 
 
+def check_stats(path: str, dim: int):
+  """Fails in seconds, with a ValueError saying what is wrong, unless
+  `path` holds `dim`-d statistics (mu, sigma) or uint8 images (arr_0) to
+  compute them from; reads the npz headers only."""
+  shapes = files.tensor_shapes(files.local_copy(path))
+  mu = next((k for k in MU_KEYS if k in shapes), None)
+  if mu is not None:
+    sigma = SIGMA_KEYS[MU_KEYS.index(mu)]
+    if shapes[mu] != (dim,) or shapes.get(sigma) != (dim, dim):
+      raise ValueError(f"{mu} has shape {shapes[mu]} and {sigma} "
+                       f"{shapes.get(sigma)}; FID's Inception needs ({dim},) "
+                       f"and ({dim}, {dim})")
+    return
+  images = shapes.get("arr_0")
+  if images is None or len(images) != 4 or images[-1] not in (1, 3):
+    raise ValueError(f"neither statistics ({'/'.join(MU_KEYS)}) nor NHWC "
+                     f"images (arr_0) in it; its arrays: {shapes}")
+
+
 def save_stats(path: str, mu, sigma, **extra):
-  """Writes `mu` and `sigma` (the keys ADM and pytorch-fid read) to npz."""
-  np.savez(path, mu=np.asarray(mu, np.float64),
-           sigma=np.asarray(sigma, np.float64), **extra)
+  """Writes `mu` and `sigma` (the keys ADM and pytorch-fid read) to npz,
+  local or remote."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    np.savez(f, mu=np.asarray(mu, np.float64),
+             sigma=np.asarray(sigma, np.float64), **extra)

@@ -1,6 +1,6 @@
-"""FID-50K and Inception Score of a trained run, as papers report them.
+"""FID-50K and Inception Score of a network, as papers report them.
 
-`evaluate_fid` restores a run's evaluation (EMA) parameters, draws
+`score_params` takes a network's evaluation (EMA) parameters, draws
 `num_samples` class-balanced samples over all devices (label of sample i is
 i mod num_classes: exactly 50 per class for 50k ImageNet samples), decodes
 latents with the VAE when the model works in latent space, quantises to
@@ -10,22 +10,27 @@ and feeds the FID Inception network batch by batch. Only pool3 statistics
 only while they are written to the optional ADM-style npz.
 
 Everything runs on every process (the same jitted programs on global
-arrays); process 0 alone writes files.
+arrays); process 0 alone writes files. This module knows nothing of
+training: callers (the trainer, tools/fid.py) pass the config, the
+network's u_fn, the mesh and the input shape. `check_files` opens the
+weight and statistics files a config names before anything trains.
+Weights and statistics may be URIs (gs://...), read from local copies.
 """
 
 import functools
 import hashlib
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from mf_jax import files
 from mf_jax import objectives
 from mf_jax import samplers
 from mf_jax import sharding
@@ -34,7 +39,6 @@ from mf_jax.evaluation import fid
 from mf_jax.evaluation import inception
 from mf_jax.evaluation import npz_export
 from mf_jax.models import vae
-from mf_jax.training import trainer
 
 
 def balanced_labels(start, batch: int, num_classes: int) -> jax.Array:
@@ -48,24 +52,69 @@ def is_latent(config) -> bool:
   return pipeline.dataset_kind(config.data.name) == "latents"
 
 
+def check_files(config):
+  """The weights and statistics a config names exist, are what their
+  fields say (a few tensor shapes, read from the files' headers), and FID
+  has what it needs: one-line errors naming the field, the file and what
+  is wrong, before anything compiles, so a wrong file costs seconds, not
+  the run up to its first sample grid."""
+  named = {"data.vae": config.data.get("vae"),
+           "eval.inception": config.eval.get("inception"),
+           "eval.ref_stats": config.eval.get("ref_stats")}
+  for field, path in named.items():
+    if path and not files.exists(path):
+      raise FileNotFoundError(
+          f"{field}={path!r} does not exist; weights and statistics are "
+          "files you name, local or gs:// (nothing is downloaded).")
+  if bool(named["eval.inception"]) != bool(named["eval.ref_stats"]):
+    raise ValueError("FID needs both eval.inception (pytorch-fid's Inception "
+                     "weights) and eval.ref_stats (reference statistics).")
+  if named["eval.inception"] and is_latent(config) and not named["data.vae"]:
+    raise ValueError("FID of latent samples needs data.vae=FILE (the SD-VAE "
+                     "the latents were made with) to decode them.")
+  channels = config.model.in_channels if is_latent(config) else None
+  for (field, path), kind in zip(named.items(), ("vae", "inception",
+                                                  "ref_stats")):
+    if path:
+      check_file(kind, path, field, channels)
+
+
+def check_file(kind: str, path: str, name: str,
+               latent_channels: int | None = None):
+  """Checks that `path` is a `kind` file ('vae', 'inception' or
+  'ref_stats'); errors name it as `name` (a config field or a flag)."""
+  checks = {
+      "vae": lambda: vae.check_weights(path, latent_channels),
+      "inception": lambda: inception.check_weights(path),
+      "ref_stats": lambda: fid.check_stats(path, inception.FEATURE_DIM),
+  }
+  try:
+    checks[kind]()
+  except (ValueError, OSError, ImportError) as e:  # e.g. .pth without torch
+    error = type(e) if type(e) in (FileNotFoundError, ImportError) else (
+        ValueError)
+    reason = " ".join(str(e).split()).rstrip(".")
+    raise error(f"{name}={path!r}: {reason}.") from None
+
+
 # Cached: an evaluation at several NFE (and each periodic evaluation of a
 # run) reads the Inception weights once.
 _load_inception = functools.lru_cache(maxsize=1)(inception.load_inception)
 
 
-def make_image_fn(exp, nfe: int, batch: int, decode=None):
+def make_image_fn(config, u_fn, mesh, input_shape, nfe: int, batch: int,
+                  decode=None):
   """Jitted (params, vae_params, rng, start) -> (uint8 images, labels)."""
-  config = exp.config
   sampler = samplers.SAMPLERS[objectives.get(config.objective.name).SAMPLER]
-  batch_sharding = sharding.batch_sharding(exp.mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
 
   def image_fn(params, vae_params, rng, start):
     labels = jax.lax.with_sharding_constraint(
         balanced_labels(start, batch, config.model.num_classes),
         batch_sharding)
     noise = jax.lax.with_sharding_constraint(
-        jax.random.normal(rng, (batch, *exp.input_shape)), batch_sharding)
-    x = sampler(exp.u_fn, params, noise, labels, samplers.timesteps(nfe))
+        jax.random.normal(rng, (batch, *input_shape)), batch_sharding)
+    x = sampler(u_fn, params, noise, labels, samplers.timesteps(nfe))
     if decode is not None:
       x = jax.lax.with_sharding_constraint(decode(vae_params, x),
                                            batch_sharding)
@@ -128,10 +177,11 @@ def reference_stats(source: str, inception_path: str, out_path: str,
                     inception_size: int = inception.INPUT_SIZE) -> dict:
   """Statistics of reference images, written as an npz (mu, sigma).
 
-  `source` is an npz of uint8 images `arr_0` (e.g. ADM's reference batch)
-  or `tfds:NAME`, the train split of a TFDS dataset prepared locally
-  (`tfds:cifar10`: the 50,000 training images CIFAR-10 FID is measured
-  against). The same Inception, resize and float64 statistics as samples.
+  `source` is an npz of uint8 images `arr_0` (e.g. ADM's reference batch;
+  local or a URI) or `tfds:NAME`, the train split of a TFDS dataset
+  prepared locally (`tfds:cifar10`: the 50,000 training images CIFAR-10
+  FID is measured against). The same Inception, resize and float64
+  statistics as samples. `out_path` may be a URI.
   """
   mesh = mesh or sharding.make_mesh(
       ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
@@ -145,8 +195,9 @@ def reference_stats(source: str, inception_path: str, out_path: str,
                                                    total))])
                for start in range(0, total, batch_size))
   else:
-    total = npz_export.num_images(source)
-    batches = npz_export.iterate_npz(source, batch_size)
+    local = files.local_copy(source)
+    total = npz_export.num_images(local)
+    batches = npz_export.iterate_npz(local, batch_size)
   module, params = _load_inception(inception_path)
   params = jax.device_put(params, sharding.replicated(mesh))
   stats, _ = stats_from_batches(make_feature_fn(module, inception_size),
@@ -165,10 +216,10 @@ def _round_up(n: int, multiple: int) -> int:
 
 def _file_digest(path: str | None) -> str | None:
   """Short sha256 of a weight file, so a result names its exact weights."""
-  if not path or not os.path.isfile(path):
+  if not path or not files.exists(path) or files.is_dir(path):
     return None
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with open(files.local_copy(path), "rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
       digest.update(block)
   return digest.hexdigest()[:16]
@@ -180,63 +231,50 @@ def _reference(ref_stats_path, feature_fn, inception_params, mesh, batch):
     return fid.load_stats(ref_stats_path)
   logging.info("%s holds no mu/sigma: computing them from its images.",
                ref_stats_path)
+  local = files.local_copy(ref_stats_path)
   stats, _ = stats_from_batches(
-      feature_fn, inception_params,
-      npz_export.iterate_npz(ref_stats_path, batch), mesh, batch,
-      total=npz_export.num_images(ref_stats_path))
+      feature_fn, inception_params, npz_export.iterate_npz(local, batch),
+      mesh, batch, total=npz_export.num_images(local))
   return stats.mean, stats.cov
 
 
-def evaluate_fid(config, workdir: str, *, step: int | None = None,
-                 **kwargs) -> dict:
-  """Scores a checkpoint's eval (EMA) parameters; see `score_params`.
-
-  Writes and returns WORKDIR/eval/fid_<step>_nfe<nfe>.json.
-  """
-  exp = trainer.Experiment(config, workdir)
-  _check_vae(config, kwargs.get("vae_path"))
-  state, step = exp.restore(step=step)
-  if state is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
-  try:
-    return score_params(exp, exp.eval_params(state), step, **kwargs)
-  finally:
-    exp.checkpointer.close()
-
-
-def _check_vae(config, vae_path):
+def check_vae(config, vae_path):
   if is_latent(config) and not vae_path:
     raise ValueError(f"data.name={config.data.name!r} is a latent dataset: "
                      "pass the VAE weights (--vae=FILE) to decode samples.")
 
 
-def score_params(exp, params, step: int, *, inception_path: str,
-                 ref_stats_path: str, num_samples: int = 50_000, nfe: int = 1,
+def score_params(config, u_fn, mesh, input_shape, params, step: int, *,
+                 workdir: str, inception_path: str, ref_stats_path: str,
+                 num_samples: int = 50_000, nfe: int = 1,
                  vae_path: str | None = None, npz_out: str | None = None,
                  batch_size: int | None = None, seed: int = 0,
                  num_splits: int = 10, stats_out: str | None = None,
                  inception_size: int = inception.INPUT_SIZE) -> dict:
   """FID and IS of `num_samples` samples of `params` at `nfe` steps.
 
+  `u_fn(params, z, t, h, y)` is the network, `input_shape` one example's
+  shape. Writes and returns WORKDIR/eval/fid_<step>_nfe<nfe>.json.
   `npz_out` optionally exports the samples (ADM layout), `stats_out` their
   (mu, sigma), to compare runs later without sampling again.
   `inception_size` is 299 for real FID; tests shrink it to run fast.
   """
-  _check_vae(exp.config, vae_path)
-  batch = batch_size or exp.config.eval.batch_size
-  sharding.check_batch_size(batch, exp.mesh, "FID batch size")
-  replicated = sharding.replicated(exp.mesh)
+  check_vae(config, vae_path)
+  batch = batch_size or config.eval.batch_size
+  sharding.check_batch_size(batch, mesh, "FID batch size")
+  replicated = sharding.replicated(mesh)
   decode, vae_params = None, None
-  if is_latent(exp.config):
+  if is_latent(config):
     decode, vae_params = vae.load_latent_decoder(vae_path)
     vae_params = jax.device_put(vae_params, replicated)
   module, inception_params = _load_inception(inception_path)
   inception_params = jax.device_put(inception_params, replicated)
   feature_fn = make_feature_fn(module, inception_size)
   ref_mu, ref_sigma = _reference(ref_stats_path, feature_fn, inception_params,
-                                 exp.mesh, batch)
+                                 mesh, batch)
 
-  image_fn = make_image_fn(exp, nfe, batch, decode)
+  image_fn = make_image_fn(config, u_fn, mesh, input_shape, nfe, batch,
+                           decode)
   batches = _sample_batches(image_fn, params, vae_params, num_samples, batch,
                             seed, desc=f"FID nfe={nfe}")
   stats, logits = _score_batches(batches, feature_fn, inception_params,
@@ -251,20 +289,21 @@ def score_params(exp, params, step: int, *, inception_path: str,
       "inception_score": is_mean, "inception_score_std": is_std,
       "is_splits": num_splits, "labels": "balanced (i mod num_classes)",
       "seed": seed, "uint8": "floor(127.5 x + 128)",
-      "inception": os.path.abspath(inception_path),
+      "inception": files.absolute(inception_path),
       "inception_sha256": _file_digest(inception_path),
       "inception_size": inception_size,
-      "ref_stats": os.path.abspath(ref_stats_path),
+      "ref_stats": files.absolute(ref_stats_path),
       "ref_mu_sha256": hashlib.sha256(
           np.asarray(ref_mu, np.float64).tobytes()).hexdigest()[:16],
-      "vae": os.path.abspath(vae_path) if vae_path else None,
-      "vae_sha256": _file_digest(vae_path),
-      "npz": os.path.abspath(npz_out) if npz_out else None,
-      "sample_stats": os.path.abspath(stats_out) if stats_out else None,
+      "vae": files.absolute(vae_path) if vae_path else None,
+      "vae_sha256": _file_digest(vae.weights_file(vae_path) if vae_path
+                                 else None),
+      "npz": files.absolute(npz_out) if npz_out else None,
+      "sample_stats": files.absolute(stats_out) if stats_out else None,
   }
-  record["json"] = os.path.join(
-      exp.workdir, "eval", f"fid_{step}_{samplers.schedule_name(nfe)}.json")
-  trainer.write_json(record["json"], record)
+  record["json"] = str(epath.Path(workdir) / "eval" /
+                       f"fid_{step}_{samplers.schedule_name(nfe)}.json")
+  files.write_json(record["json"], record)
   return record
 
 

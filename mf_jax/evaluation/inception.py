@@ -14,7 +14,8 @@ Score). The logits are `pool3 @ W` without the bias by default: the logits
 that OpenAI's improved-GAN IS code, ADM's evaluator (`softmax/logits/MatMul`)
 and torch-fidelity's `logits_unbiased` feed their softmax.
 
-Weights come from a local file the user names, never a download:
+Weights come from a file the user names (local, or a gs:// URI copied to
+a local cache once), never a download:
 pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (read with torch when it
 is installed), or its conversion by `convert_weights` to `.npz` or
 `.safetensors`, which needs no torch at evaluation time.
@@ -30,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mf_jax import files
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
@@ -340,8 +343,10 @@ def _read_torch(path: str) -> dict:
 
 
 def read_weights(path: str) -> dict:
-  """Flax params from a .pth/.pt (torch), .npz or .safetensors file."""
+  """Flax params from a .pth/.pt (torch), .npz or .safetensors file, local
+  or a URI."""
   ext = os.path.splitext(path)[1].lower()
+  path = files.local_copy(path)
   if ext in (".pth", ".pt"):
     return _read_torch(path)
   if ext == ".npz":
@@ -383,8 +388,39 @@ def _check_shapes(params, abstract):
                      f"unexpected {extra[:5]}, wrong shapes {wrong[:5]}.")
 
 
+# A few tensors whose shapes tell pytorch-fid's network from anything else:
+# the stem, the last block and the 1008-class classifier.
+_SIGNATURE = {"Conv2d_1a_3x3/conv/kernel": (3, 3, 3, 32),
+              "Mixed_7c/branch_pool/conv/kernel": (1, 1, FEATURE_DIM, 192),
+              "fc/kernel": (FEATURE_DIM, NUM_CLASSES)}
+
+
+def check_weights(path: str):
+  """Fails in seconds, with a ValueError saying what is wrong, when `path`
+  is not FID's Inception: reads only the headers of .npz/.safetensors files
+  (a .pth is read in full, with torch)."""
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in (".pth", ".pt", ".npz", ".safetensors"):
+    raise ValueError(f"unknown Inception weight format {ext!r}; expected "
+                     ".pth, .npz or .safetensors")
+  local = files.local_copy(path)
+  if ext in (".pth", ".pt"):
+    shapes = {k: tuple(v.shape)
+              for k, v in _flatten(_read_torch(local)).items()}
+  else:
+    shapes = files.tensor_shapes(local)
+  for name, want in _SIGNATURE.items():
+    if name not in shapes:
+      found = ", ".join(sorted(shapes)[:3]) or "none"
+      raise ValueError(f"not pytorch-fid's Inception: no {name} among its "
+                       f"tensors ({found}, ...)")
+    if shapes[name] != want:
+      raise ValueError(f"{name} has shape {shapes[name]}, not {want}")
+
+
 def load_inception(path: str, logits_with_bias: bool = False):
-  """(module, params) from a local weight file (see `read_weights`)."""
+  """(module, params) from a weight file, local or a URI (see
+  `read_weights`)."""
   module = FIDInceptionV3(logits_with_bias=logits_with_bias)
   params = read_weights(path)
   abstract = jax.eval_shape(

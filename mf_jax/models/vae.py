@@ -13,7 +13,8 @@ indices merged into the name ('encoder.down_blocks.0.resnets.1.conv1.weight'
 conversion is mechanical and checked key by key against the module's shapes.
 
 Public interface (the data tools and the FID driver use these):
-  load_vae(path) -> (module, params)
+  load_vae(path) -> (module, params)                 path: local or gs://
+  check_weights(path, latent_channels) -> channels   a few shapes, no load
   encode(module, params, images) -> (mean, std)     unscaled latents
   decode(module, params, latents) -> images in [-1, 1]
   load_latent_decoder(path) -> (decode_fn, params)   for scaled latents
@@ -30,6 +31,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+
+from mf_jax import files
 
 LATENT_SCALE = 0.18215
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -333,26 +337,58 @@ def random_params(module: AutoencoderKL, seed: int = 0):
 
 
 def weights_file(path: str) -> str:
-  return os.path.join(path, WEIGHTS_NAME) if os.path.isdir(path) else path
+  """The safetensors file of a diffusers directory, or `path` itself."""
+  return str(epath.Path(path) / WEIGHTS_NAME) if files.is_dir(path) else path
+
+
+def _weights_and_config(path: str) -> tuple[str, dict]:
+  """(local weights file, diffusers config or {}) of a file or directory,
+  local or remote (remote weights are copied to the local cache once)."""
+  weights = weights_file(path)
+  if not files.exists(weights):
+    raise FileNotFoundError(
+        f"No VAE weights at {weights}: pass a diffusers "
+        f"'{WEIGHTS_NAME}' file (e.g. from stabilityai/sd-vae-ft-mse).")
+  config_path = epath.Path(weights).parent / "config.json"
+  config = files.read_json(config_path) if config_path.exists() else {}
+  return files.local_copy(weights), config
+
+
+def check_weights(path: str, latent_channels: int | None = None) -> int:
+  """Fails in seconds, with a ValueError saying what is wrong, when `path`
+  is not an SD-VAE that decodes `latent_channels`-channel latents to RGB:
+  reads the tensor shapes in the file's header (and its config.json), not
+  the weights. Returns the file's latent channels."""
+  weights, config = _weights_and_config(path)
+  shapes = files.tensor_shapes(weights, "safetensors")  # as load_vae reads
+  conv_in, conv_out = "decoder.conv_in.weight", "decoder.conv_out.weight"
+  if conv_in not in shapes or conv_out not in shapes:
+    found = ", ".join(sorted(shapes)[:3]) or "none"
+    raise ValueError(f"not a diffusers AutoencoderKL: no {conv_in} or "
+                     f"{conv_out} among its tensors ({found}, ...)")
+  module = module_from_config(config)
+  channels = shapes[conv_in][1]  # torch layout (out, in, kh, kw)
+  if channels != module.latent_channels:
+    raise ValueError(f"{conv_in} takes {channels} latent channels but its "
+                     f"config says {module.latent_channels}")
+  if shapes[conv_out][0] != module.out_channels:
+    raise ValueError(f"{conv_out} makes {shapes[conv_out][0]} channels, "
+                     f"not {module.out_channels}")
+  if latent_channels is not None and channels != latent_channels:
+    raise ValueError(f"it decodes {channels}-channel latents but the model "
+                     f"makes {latent_channels} (model.in_channels)")
+  return channels
 
 
 def load_vae(path: str, dtype=jnp.float32):
-  """(module, params) from a diffusers safetensors file or its directory.
+  """(module, params) from a diffusers safetensors file or its directory,
+  local or a URI.
 
   The architecture comes from `config.json` beside the file when present,
   else the standard SD VAE config (sd-vae-ft-mse / -ema).
   """
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  weights = weights_file(path)
-  if not os.path.isfile(weights):
-    raise FileNotFoundError(
-        f"No VAE weights at {weights}: pass a diffusers "
-        f"'{WEIGHTS_NAME}' file (e.g. from stabilityai/sd-vae-ft-mse).")
-  config_path = os.path.join(os.path.dirname(weights), "config.json")
-  config = {}
-  if os.path.isfile(config_path):
-    with open(config_path) as f:
-      config = json.load(f)
+  weights, config = _weights_and_config(path)
   module = module_from_config(config, dtype)
   with safe_open(weights, framework="flax") as f:
     state = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}

@@ -1,4 +1,5 @@
-r"""FID-50K and Inception Score of a run's checkpoint, with local weights only.
+r"""FID-50K and Inception Score of a run's checkpoint; weights are named, never
+downloaded (local files or gs:// URIs).
 
   python -m mf_jax.tools.fid --config=configs/imagenet256_b4.py --workdir=DIR \
       --inception=pt_inception-2015-12-05-6726825d.pth \
@@ -39,6 +40,36 @@ from ml_collections import config_flags
 
 from mf_jax import sharding
 from mf_jax.evaluation import fid_eval
+from mf_jax.training import trainer
+
+
+def evaluate_fid(config, workdir: str, *, step: int | None = None,
+                 **kwargs) -> dict:
+  """Scores a checkpoint's eval (EMA) parameters (latest by default); the
+  keyword arguments are `fid_eval.score_params`'s. Writes and returns
+  WORKDIR/eval/fid_<step>_nfe<nfe>.json."""
+  fid_eval.check_vae(config, kwargs.get("vae_path"))
+  exp = trainer.Experiment(config, workdir)
+  state, step = exp.restore(step=step)
+  if state is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
+  try:
+    return fid_eval.score_params(
+        exp.config, exp.u_fn, exp.mesh, exp.input_shape,
+        exp.eval_params(state), step, workdir=workdir, **kwargs)
+  finally:
+    exp.checkpointer.close()
+
+
+def _check_flag_files(config, **paths):
+  """The files named by flags (which override the config's), checked as
+  the trainer checks the config's: one-line errors before any work."""
+  channels = None
+  if config is not None and fid_eval.is_latent(config):
+    channels = config.model.in_channels
+  for kind, path in paths.items():
+    if path:
+      fid_eval.check_file(kind, path, f"--{kind}", channels)
 
 
 def run(config, flag_values) -> dict:
@@ -48,6 +79,7 @@ def run(config, flag_values) -> dict:
     if not (f.inception and f.ref_stats):
       raise app.UsageError("--compute_ref_from needs --inception and "
                            "--ref_stats (the output).")
+    _check_flag_files(None, inception=f.inception)
     return fid_eval.reference_stats(
         f.compute_ref_from, f.inception, f.ref_stats,
         batch_size=f.batch_size or 200, tfds_data_dir=f.tfds_data_dir)
@@ -61,10 +93,13 @@ def run(config, flag_values) -> dict:
   if not (inception_path and ref_stats):
     raise app.UsageError("Name the Inception weights and reference "
                          "statistics: --inception and --ref_stats.")
-  return fid_eval.evaluate_fid(
+  vae_path = f.vae or config.data.vae or None
+  _check_flag_files(config, inception=inception_path, ref_stats=ref_stats,
+                    vae=vae_path)
+  return evaluate_fid(
       config, f.workdir, inception_path=inception_path,
       ref_stats_path=ref_stats, step=f.step, num_samples=f.num_samples,
-      nfe=f.nfe, vae_path=f.vae or config.data.vae or None,
+      nfe=f.nfe, vae_path=vae_path,
       npz_out=f.npz_out, batch_size=f.batch_size, seed=f.seed,
       stats_out=f.stats_out)
 

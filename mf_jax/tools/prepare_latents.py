@@ -12,13 +12,16 @@ image list; process p of P encodes shards p, p + P, ... on its local devices
 (the batch split over them), so hosts never wait for each other. A shard is
 written to a temporary name and renamed when complete, and finished shards
 are skipped: rerun the same command after an interruption. `--limit=N`
-encodes an evenly spaced subset of N images, for trials.
+encodes an evenly spaced subset of N images, for trials. `--output` and
+`--vae` may be URIs (gs://...): shards are written locally, then uploaded
+under a temporary name and renamed.
 """
 
 import concurrent.futures
 import hashlib
 import json
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +31,9 @@ import tqdm
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 
+from mf_jax import files
 from mf_jax import sharding
 from mf_jax.data import imagenet
 from mf_jax.data import latents
@@ -55,7 +60,7 @@ def select(num_available: int, limit: int | None) -> np.ndarray:
 
 def _sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with open(files.local_copy(path), "rb") as f:
     for block in iter(lambda: f.read(1 << 24), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -63,10 +68,9 @@ def _sha256(path: str) -> str:
 
 def _check_or_write_manifest(output: str, manifest: dict):
   """Process 0 writes the manifest; a resume must match what was started."""
-  path = os.path.join(output, latents.MANIFEST)
-  if os.path.isfile(path):
-    with open(path) as f:
-      old = json.load(f)
+  path = epath.Path(output) / latents.MANIFEST
+  if path.exists():
+    old = files.read_json(path)
     changed = [k for k in _RESUME_KEYS if old.get(k) != manifest[k]]
     if changed:
       raise ValueError(f"{output} holds latents made with different "
@@ -75,11 +79,10 @@ def _check_or_write_manifest(output: str, manifest: dict):
     _atomic_write(path, json.dumps(manifest, indent=2).encode())
 
 
-def _atomic_write(path: str, data: bytes):
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+def _atomic_write(path: epath.Path, data: bytes):
+  tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
+  tmp.write_bytes(data)
+  tmp.replace(path)
 
 
 def _encoder(module, params, mesh):
@@ -107,13 +110,23 @@ def _load(source, index: int, size: int):
 
 
 def _write_shard(path: str, labels, moments, dtype):
+  """Writes to a local temporary file (array_record writes local files
+  only), then publishes it under `path`, local or remote."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  tmp = f"{path}.tmp{os.getpid()}"
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-  for label, m in zip(labels, moments):
-    writer.write(latents.encode_record(label, m.astype(dtype)))
-  writer.close()
-  os.replace(tmp, path)
+  if files.is_remote(path):
+    fd, tmp = tempfile.mkstemp(suffix=".array_record")
+    os.close(fd)
+  else:
+    tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    for label, m in zip(labels, moments):
+      writer.write(latents.encode_record(label, m.astype(dtype)))
+    writer.close()
+    files.publish(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def prepare(vae: str, source: str, output: str, limit: int | None = None,
@@ -127,7 +140,7 @@ def prepare(vae: str, source: str, output: str, limit: int | None = None,
   num_shards = -(-len(indices) // shard_size)
   factor = module.downsample_factor
   manifest = {
-      "vae": os.path.abspath(vae_lib.weights_file(vae)),
+      "vae": files.absolute(vae_lib.weights_file(vae)),
       "vae_sha256": _sha256(vae_lib.weights_file(vae)),
       "vae_config": module.config_dict(),
       "latent_scale": vae_lib.LATENT_SCALE,
@@ -140,7 +153,7 @@ def prepare(vae: str, source: str, output: str, limit: int | None = None,
       "num_shards": num_shards,
       "num_classes": len(getattr(images, "classes", ())) or 1000,
   }
-  os.makedirs(output, exist_ok=True)
+  epath.Path(output).mkdir(parents=True, exist_ok=True)
   _check_or_write_manifest(output, manifest)
 
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)),
@@ -150,8 +163,8 @@ def prepare(vae: str, source: str, output: str, limit: int | None = None,
                      f"{mesh.size} local devices.")
   encode = _encoder(module, params, mesh)
   mine = range(jax.process_index(), num_shards, jax.process_count())
-  todo = [k for k in mine if not os.path.isfile(
-      os.path.join(output, latents.shard_name(k, num_shards)))]
+  done = {p.name for p in epath.Path(output).iterdir()}
+  todo = [k for k in mine if latents.shard_name(k, num_shards) not in done]
   logging.info("Process %d: %d of its %d shards to encode.",
                jax.process_index(), len(todo), len(mine))
   shard_indices = {k: indices[k * shard_size:(k + 1) * shard_size]
@@ -175,8 +188,9 @@ def prepare(vae: str, source: str, output: str, limit: int | None = None,
         moments.append(_encode_padded(encode, np.stack(crops), batch))
         labels.extend(batch_labels)
         progress.update(len(crops))
-      _write_shard(os.path.join(output, latents.shard_name(k, num_shards)),
-                   labels, np.concatenate(moments), np.dtype(dtype))
+      shard = epath.Path(output) / latents.shard_name(k, num_shards)
+      _write_shard(str(shard), labels, np.concatenate(moments),
+                   np.dtype(dtype))
   return manifest
 
 
@@ -209,7 +223,8 @@ if __name__ == "__main__":
                              "(or its directory, with config.json).")
   _SOURCE = flags.DEFINE_string("source", None, "Class-per-folder image tree "
                                 "(ImageNet train/), or 'tfds'.")
-  _OUTPUT = flags.DEFINE_string("output", None, "Directory for the shards.")
+  _OUTPUT = flags.DEFINE_string("output", None, "Directory for the shards "
+                                "(local or gs://).")
   _LIMIT = flags.DEFINE_integer("limit", None, "Encode only this many images "
                                 "(evenly spaced), for trials.")
   _BATCH = flags.DEFINE_integer("batch", 256, "Images per host per encode "
