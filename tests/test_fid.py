@@ -272,6 +272,7 @@ def test_score_params_end_to_end(tmp_path):
   from mf_jax.training import trainer  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
   config.model.update(hidden_size=32, depth=1, num_heads=2)
+  config.eval.batch_size = 16  # a multiple of the 8 test devices
   exp = trainer.Experiment(config, str(tmp_path / "run"))
   dit_params = jax.tree.map(
       lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding),
@@ -286,7 +287,9 @@ def test_score_params_end_to_end(tmp_path):
   npz_export.save_npz(ref_npz, ref_images)  # images only: stats computed
 
   record = fid_eval.score_params(
-      exp, dit_params, 3, inception_path=weights, ref_stats_path=ref_npz,
+      config, exp.u_fn, exp.mesh, exp.input_shape, dit_params, 3,
+      workdir=str(tmp_path / "run"), inception_path=weights,
+      ref_stats_path=ref_npz,
       num_samples=20, nfe=1, batch_size=16, npz_out=str(tmp_path / "s.npz"),
       stats_out=str(tmp_path / "s_stats.npz"), inception_size=size,
       num_splits=2)
@@ -324,18 +327,22 @@ def test_score_params_end_to_end(tmp_path):
 
 def test_evaluate_fid_needs_a_checkpoint(tmp_path):
   from configs import digits  # pylint: disable=g-import-not-at-top
+  from mf_jax.tools import fid as fid_tool  # pylint: disable=g-import-not-at-top
+  config = digits.get_config()
+  config.eval.batch_size = 16  # a multiple of the 8 test devices
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    fid_eval.evaluate_fid(digits.get_config(), str(tmp_path),
-                          inception_path="unused", ref_stats_path="unused")
+    fid_tool.evaluate_fid(config, str(tmp_path), inception_path="unused",
+                          ref_stats_path="unused")
 
 
 def test_latent_configs_need_the_vae():
   """A latent config without VAE weights fails before any work."""
   from configs import imagenet256_b4  # pylint: disable=g-import-not-at-top
+  from mf_jax.tools import fid as fid_tool  # pylint: disable=g-import-not-at-top
   config = imagenet256_b4.get_config()
   assert fid_eval.is_latent(config)
   with pytest.raises(ValueError, match="--vae"):
-    fid_eval.evaluate_fid(config, "/nonexistent", inception_path="x",
+    fid_tool.evaluate_fid(config, "/nonexistent", inception_path="x",
                           ref_stats_path="y")
 
 
