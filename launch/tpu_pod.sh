@@ -49,7 +49,7 @@
 #   --config [CONFIG]         config file with optional :ARG
 #                             [configs/imagenet256_xl.py]
 #   --workdir [WORKDIR]       gs://... run directory (required)
-#   --latents_bucket [LATENTS_BUCKET]  gs://BUCKET[/DIR] mounted read-only by
+#   --latents_bucket [LATENTS_BUCKET]  [gs://]BUCKET[/DIR] mounted read-only by
 #                             gcsfuse at /mnt/mf_jax_latents on every worker,
 #                             passed as --config.data.latents_dir
 #   --repo [REPO_URL]         git URL to clone instead of copying this checkout
@@ -165,8 +165,9 @@ if [[ -n "$WORKDIR" && "$WORKDIR" != gs://* ]]; then
   say "warning: workdir $WORKDIR is not gs://; each worker writes its own"
 fi
 if [[ -n "$LATENTS_BUCKET" ]]; then
-  [[ "$LATENTS_BUCKET" == gs://?* ]] || die \
-    "--latents_bucket must be gs://BUCKET[/DIR], got $LATENTS_BUCKET"
+  [[ "$LATENTS_BUCKET" == gs://* ]] || LATENTS_BUCKET="gs://$LATENTS_BUCKET"
+  [[ "$LATENTS_BUCKET" =~ ^gs://[a-z0-9][-_.a-z0-9]*(/.*)?$ ]] || die \
+    "--latents_bucket must be [gs://]BUCKET[/DIR], got $LATENTS_BUCKET"
   for arg in "${EXTRA_ARGS[@]}"; do
     [[ "$arg" != --config.data.latents_dir=* ]] || die \
       "--latents_bucket sets --config.data.latents_dir; pass one of them"

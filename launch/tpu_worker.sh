@@ -12,8 +12,9 @@
 #       requirements.txt under constraints.txt, the versions CI tests.
 #       --gcsfuse also installs gcsfuse from Google's apt repository.
 #   mount --bucket=gs://BUCKET[/DIR] [--mount_point=/mnt/mf_jax_latents]
-#       Read-only gcsfuse mount of the latents (ArrayRecord reads local
-#       files only). Idempotent; a recreated VM needs it again.
+#       Read-only gcsfuse mount of the latents, for array_record builds
+#       that cannot read gs:// themselves. Idempotent; a recreated VM needs
+#       it again.
 #   start --workdir=W --stamp=S [--grace=60] -- MAIN_ARGS
 #       Stops stale trainers and frees the TPU, then starts
 #       `python -m mf_jax.main MAIN_ARGS` detached from the ssh session

@@ -184,6 +184,9 @@ def test_pod_refuses_unknown_types_and_bad_arguments(tmp_path):
                  "--workdir=gs://b/r", "--latents_bucket=gs://b/l", "--",
                  "--config.data.latents_dir=/x"], env)
   assert result.returncode == 2 and "one of them" in result.stderr
+  result = _run(["bash", POD, "up", "--dry-run", "--name=n", "--zone=z",
+                 "--workdir=gs://b/r", "--latents_bucket=gs://"], env)
+  assert result.returncode == 2 and "[gs://]BUCKET[/DIR]" in result.stderr
 
 
 def test_pod_up_dry_run_creates_sets_up_and_trains_detached(tmp_path):
@@ -191,7 +194,7 @@ def test_pod_up_dry_run_creates_sets_up_and_trains_detached(tmp_path):
                  "--zone=us-central2-b", "--project=p", "--type=v5litepod-16",
                  "--spot", "--config=configs/imagenet256_xl.py",
                  "--workdir=gs://bucket/runs/xl",
-                 "--latents_bucket=gs://bucket/latents/in256",
+                 "--latents_bucket=bucket/latents/in256",
                  "--env=LIBTPU_INIT_ARGS=--a=1 --b", "--",
                  "--config.mesh.fsdp=-1"], _env(tmp_path))
   assert result.returncode == 0, result.stderr
