@@ -88,6 +88,8 @@ def check_file(kind: str, path: str, name: str,
       "inception": lambda: inception.check_weights(path),
       "ref_stats": lambda: fid.check_stats(path, inception.FEATURE_DIM),
   }
+  if not files.exists(path):
+    raise FileNotFoundError(f"{name}={path!r} does not exist.")
   try:
     checks[kind]()
   except (ValueError, OSError, ImportError) as e:  # e.g. .pth without torch
