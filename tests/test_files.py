@@ -248,3 +248,33 @@ def test_wrong_weight_files_fail_at_start_up(gcs, tmp_path):
   with pytest.raises(ValueError, match="decodes 4-channel latents but the "
                      r"model makes 8 \(model.in_channels\)"):
     trainer.Experiment(config, str(tmp_path / "run"))
+
+
+def test_gcs_latents_errors_name_the_fix(gcs, monkeypatch):
+  """On gs://, missing shards name the prepare command, and an array_record
+  build that cannot read gs:// (older ones say "open() failed") points to
+  the gcsfuse mount instead, in one line, before anything compiles."""
+  from mf_jax.data import latents  # pylint: disable=g-import-not-at-top
+  from mf_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  folder = gcs / "bucket" / "latents"
+  folder.mkdir(parents=True)
+  (folder / latents.MANIFEST).write_text(json.dumps(
+      {"num_shards": 2, "latent_shape": [4, 4, 4], "dtype": "float32"}))
+  (folder / latents.shard_name(0, 2)).write_bytes(b"")
+  config = _latent_config()
+  with pytest.raises(FileNotFoundError, match=r"1 of 2 latent shards are "
+                     r"missing in gs://bucket/latents .*prepare_latents"):
+    pipeline.make_train_iterator(config)
+
+  (folder / latents.shard_name(1, 2)).write_bytes(b"")
+
+  def old_reader(path, *args, **kwargs):
+    del args, kwargs
+    raise RuntimeError(f"open() failed: No such file or directory; opening "
+                       f"{path}\nmore detail")
+
+  monkeypatch.setattr(array_record_module, "ArrayRecordReader", old_reader)
+  with pytest.raises(RuntimeError, match="gcsfuse") as error:
+    pipeline.make_train_iterator(config)
+  assert "\n" not in str(error.value)
+  assert "gs://bucket/latents/shard-0000" in str(error.value)
