@@ -108,19 +108,28 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  # Reads go to orbax's item handlers, not through the manager: the
+  # manager's restore ends in a cross-host barrier made of device
+  # collectives, which a host whose read failed never reaches, and the
+  # hosts' next collectives would then pair up wrongly. Here a failed read
+  # is an exception on its host alone; resume.py gathers the outcomes.
+
   def read_meta(self, step: int) -> dict | None:
     """The step's meta record; None for checkpoints written before it."""
-    if not (self.directory / str(step) / META).exists():
+    path = self.directory / str(step) / META
+    if not path.exists():
       return None
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-    return restored[META]
+    return ocp.JsonCheckpointHandler().restore(path,
+                                              args=ocp.args.JsonRestore())
 
   def read_state(self, step: int, abstract_state):
     """The state at `step`, into `abstract_state`'s shapes and shardings."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardRestore(abstract_state)}))
-    return restored[STATE]
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      return handler.restore(self.directory / str(step) / STATE,
+                             args=ocp.args.StandardRestore(abstract_state))
+    finally:
+      handler.close()
 
   def move_aside(self, step: int, prefix: str) -> str:
     """Renames `<step>/` to `<prefix>_<step>/` (process 0; all hosts wait),

@@ -53,9 +53,10 @@ def toy_config(mesh, num_steps=NUM_STEPS):
   return c
 
 
-def cli_args(mesh, num_steps, workdir):
-  """`python -m mf_jax.main` arguments for the same config as toy_config."""
-  flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+def cli_args(mesh, num_steps, workdir, **changes):
+  """`python -m mf_jax.main` arguments for the same config as toy_config
+  (with `changes`, e.g. {'checkpoint.every_steps': 4})."""
+  flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, **changes}.items()]
   flags += [f"--config.mesh.{k}={v}" for k, v in MESHES[mesh].items()]
   return [sys.executable, "-m", "mf_jax.main", "--config=configs/toy2d.py",
           f"--workdir={workdir}", f"--config.training.num_steps={num_steps}",
@@ -182,7 +183,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch_two_hosts(workdir, num_steps, logs):
+def _launch_two_hosts(workdir, num_steps, logs, **changes):
   """Two processes x 4 CPU devices on 127.0.0.1, one FSDP mesh of 8. They
   share a compilation cache, so the relaunch skips most compiling."""
   port = _free_port()
@@ -196,7 +197,7 @@ def _launch_two_hosts(workdir, num_steps, logs):
         JAX_PROCESS_ID=str(i))
     log = open(os.path.join(logs, f"host{i}_{num_steps}.log"), "w")
     procs.append(subprocess.Popen(
-        cli_args("fsdp8", num_steps, workdir), cwd=REPO, env=env,
+        cli_args("fsdp8", num_steps, workdir, **changes), cwd=REPO, env=env,
         stdout=log, stderr=subprocess.STDOUT))
   return procs
 
@@ -214,10 +215,11 @@ def _wait_all(procs, timeout=240):
   return codes
 
 
-def test_two_hosts_sigterm_one_then_resume_match_one_host(runs, tmp_path):
+def test_two_hosts_sigterm_one_then_resume_on_one_host(runs, tmp_path):
   """2 processes x 4 devices: SIGTERM to host 1 alone makes both hosts
-  save the same step and exit cleanly; relaunched, they resume and end on
-  the state of the 1 x 8 run, with every host's data position saved."""
+  save the same step and exit cleanly; resumed by 1 process x 8 devices
+  (the data position is rebuilt from the step), the run ends on the state
+  and the losses of the uninterrupted run."""
   workdir, logs = str(tmp_path / "run"), str(tmp_path)
   procs = _launch_two_hosts(workdir, 10_000, logs)
   deadline = time.time() + 180
@@ -234,11 +236,12 @@ def test_two_hosts_sigterm_one_then_resume_match_one_host(runs, tmp_path):
   for i in range(2):
     assert f"Stop signal: saved step {stopped}," in open(
         os.path.join(logs, f"host{i}_10000.log")).read()
-  procs = _launch_two_hosts(workdir, NUM_STEPS, logs)
-  assert _wait_all(procs) == [0, 0], open(
-      os.path.join(logs, f"host0_{NUM_STEPS}.log")).read()[-3000:]
-  assert "Resumed from step" in open(
-      os.path.join(logs, f"host1_{NUM_STEPS}.log")).read()
+  done = subprocess.run(
+      cli_args("fsdp8", NUM_STEPS, workdir), cwd=REPO, capture_output=True,
+      text=True, timeout=240, env=subprocess_env(
+          XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"Resumed from step {stopped}" in done.stderr
   state, step = final_state(toy_config("fsdp8"), workdir)
   assert step == NUM_STEPS
   assert_trees_close(state, runs["fsdp8"]["state"])
@@ -246,6 +249,48 @@ def test_two_hosts_sigterm_one_then_resume_match_one_host(runs, tmp_path):
   want = dict(enumerate(runs["fsdp8"]["losses"], start=1))
   np.testing.assert_allclose([losses[s] for s in sorted(want)],
                              [want[s] for s in sorted(want)], rtol=1e-4)
+
+
+def test_host_killed_and_its_view_damaged_both_resume_one_step(tmp_path):
+  """Host 1 is killed mid-run (host 0 then too: it waits in a collective
+  forever), and the latest checkpoint is damaged only where host 1 reads
+  (its own shards). Relaunched, host 0 could read that checkpoint but
+  host 1 cannot: both move on together to the one before it, and the run
+  matches an uninterrupted one."""
+  workdir, logs = str(tmp_path / "run"), str(tmp_path)
+  every = {"checkpoint.every_steps": 4}
+  procs = _launch_two_hosts(workdir, 10_000, logs, **every)
+  deadline = time.time() + 180
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if os.path.isdir(os.path.join(workdir, "checkpoints")) and len(
+        checkpoint_steps(workdir)) >= 2:
+      break
+    time.sleep(0.05)
+  procs[1].kill()
+  time.sleep(0.5)
+  procs[0].kill()
+  _wait_all(procs)
+  *_, previous, latest = checkpoint_steps(workdir)
+  own = os.path.join(workdir, "checkpoints", str(latest), "state",
+                     "ocdbt.process_1", "d")
+  for name in os.listdir(own):
+    open(os.path.join(own, name), "w").close()
+  num_steps = latest + 4
+  procs = _launch_two_hosts(workdir, num_steps, logs, **every)
+  assert _wait_all(procs) == [0, 0], open(
+      os.path.join(logs, f"host1_{num_steps}.log")).read()[-3000:]
+  for i in range(2):
+    log = open(os.path.join(logs, f"host{i}_{num_steps}.log")).read()
+    assert f"Checkpoint at step {latest} is unreadable" in log
+    assert f"Resumed from step {previous}." in log
+  assert f"unreadable_{latest}" in os.listdir(
+      os.path.join(workdir, "checkpoints"))
+  reference = str(tmp_path / "reference")
+  trainer.train_and_evaluate(toy_config("fsdp8", num_steps), reference)
+  state, step = final_state(toy_config("fsdp8", num_steps), workdir)
+  assert step == num_steps
+  assert_trees_close(state, final_state(toy_config("fsdp8", num_steps),
+                                        reference)[0])
 
 
 def test_sigterm_saves_the_step_it_stopped_at(tmp_path):

@@ -6,12 +6,14 @@ A checkpoint that cannot be used is one of two very different things:
   checkpoint and end in training from scratch over the old run, so the run
   stops with one line naming the leaves and the config fields that differ;
 - damage: some host cannot read it, or its bits differ from the fingerprint
-  taken when it was written, or it holds non-finite values. It is moved
-  aside (`checkpoints/unreadable_<step>`, nothing is deleted, and a later
-  save at that step happens) and the one before it is tried.
+  taken when it was written, or it holds non-finite values. The one before
+  it is tried; once a readable one is found, the damaged ones are moved
+  aside (`checkpoints/unreadable_<step>`: nothing is deleted, and a later
+  save at that step happens).
 Every host takes each decision together (their results are gathered before
-anyone moves on), so hosts never resume different steps. When nothing
-readable is left, the run stops and says so: starting over is the user's
+anyone moves on), so hosts never resume different steps. When nothing is
+readable, nothing is moved (the cause may be systematic: a library change,
+permissions) and the run stops and says so: starting over is the user's
 choice (`start_fresh`, which archives the old checkpoints first).
 """
 
@@ -66,12 +68,16 @@ def restore(checkpointer, abstract_state, config, *, step=None,
       if step is not None:
         raise CheckpointError(f"Checkpoint {candidate} in "
                               f"{checkpointer.directory} is unreadable: {e}") from None
-      damaged.append(candidate)
-      where = checkpointer.move_aside(candidate, UNREADABLE) if repair else (
-          "left in place")
-      logging.warning("Checkpoint at step %d is unreadable (%s); moved to %s;"
-                      " trying the one before it.", candidate, e, where)
+      logging.warning("Checkpoint at step %d is unreadable (%s); trying the "
+                      "one before it.", candidate, e)
+      damaged.append((candidate, str(e)))
       continue
+    # Only now, with a good checkpoint in hand, are the damaged ones moved:
+    # if none is readable the cause may be systematic (a library change,
+    # permissions), and nothing should be renamed.
+    for bad, _ in damaged if repair else ():
+      logging.warning("Moved the unreadable checkpoint %d to %s.", bad,
+                      checkpointer.move_aside(bad, UNREADABLE))
     if step is not None and repair:
       _supersede_later(checkpointer, step, steps)
     changed = config_changes((meta or {}).get("config", {}), config)
@@ -80,12 +86,13 @@ def restore(checkpointer, abstract_state, config, *, step=None,
                       "is not the one that was saved): %s", candidate,
                       "; ".join(changed))
     return state, candidate
-  if damaged or _has_unreadable(checkpointer):
-    message = (f"No readable checkpoint in {checkpointer.directory} "
-               f"(unreadable: {damaged or 'moved aside earlier'})")
+  if damaged:
+    message = (f"No readable checkpoint in {checkpointer.directory} ("
+               + "; ".join(f"step {s}: {why}" for s, why in damaged) + ")")
     if start_fresh:
       return _archive(checkpointer, message)
-    raise CheckpointError(f"{message}; nothing to resume: {_FRESH_HINT}.")
+    raise CheckpointError(f"{message}; nothing to resume (nothing was moved "
+                          f"or deleted): {_FRESH_HINT}.")
   return None, 0
 
 
@@ -192,12 +199,6 @@ def _supersede_later(checkpointer, step, steps):
     where = checkpointer.move_aside(later, SUPERSEDED)
     logging.warning("Resuming from step %d as asked: moved the later "
                     "checkpoint %d to %s.", step, later, where)
-
-
-def _has_unreadable(checkpointer) -> bool:
-  directory = checkpointer.directory
-  return directory.exists() and any(
-      p.name.startswith(UNREADABLE + "_") for p in directory.iterdir())
 
 
 def _archive(checkpointer, reason: str):

@@ -54,8 +54,6 @@ class Experiment:
       samplers.parse_schedule(schedule)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_size(config.training.batch_size, self.mesh)
-    sharding.check_batch_size(config.eval.batch_size, self.mesh,
-                              "eval.batch_size")
     self.model = models.build_model(config.model)
     self.u_fn = state_lib.make_u_fn(self.model)
     self.tx, self.schedule = state_lib.make_optimizer(
@@ -389,8 +387,9 @@ def _finish_pending_saves(checkpointer):
 def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
                 signals: StopSignals) -> dict:
   config, workdir = exp.config, exp.workdir
-  rng = jax.device_put(jax.random.key(config.training.seed),
-                       sharding.replicated(exp.mesh))
+  rng = jax.jit(functools.partial(jax.random.key, config.training.seed),
+                out_shardings=sharding.replicated(exp.mesh))()
+  evaluator = exp.make_evaluator()  # checks eval.batch_size first
   # Compiled ahead of time from the abstract shapes: its FLOPs give the
   # model FLOPs utilisation, and a shape or sharding that does not fit
   # fails here, not at step one.
@@ -399,7 +398,6 @@ def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
                      start_step)
   profile = throughput.ProfileWindow.from_config(config.profile, workdir)
   batch_sharding = sharding.batch_sharding(exp.mesh)
-  evaluator = exp.make_evaluator()
   writer = writers.create_writer(workdir)
   # Progress and ETA in the log; the scalars come from `speed`.
   progress = periodic_actions.ReportProgress(
