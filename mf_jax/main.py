@@ -7,8 +7,8 @@
       --mode=eval
 
 Several processes (one per host) run the same command; see
-`sharding.initialize_distributed` for how they find each other (on CPU,
-collectives between processes use gloo).
+`mf_jax/distributed.py` for how they find each other (on CPU, collectives
+between processes use gloo).
 """
 
 import json
@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 from mf_jax import checkpointing
 from mf_jax import samplers
-from mf_jax import sharding
+from mf_jax import distributed
 from mf_jax.training import step as step_lib
 from mf_jax.training import trainer
 
@@ -72,7 +72,7 @@ def main(argv):
   if nfe is not None and _MODE.value != "sample":
     raise ValueError(f"--nfe is for --mode=sample; --mode={_MODE.value} "
                      "reads eval.nfe (eval) or sample.nfe (grids).")
-  sharding.initialize_distributed()
+  distributed.initialize()
   logging.info("Process %d/%d, devices: %s", jax.process_index(),
                jax.process_count(), jax.devices())
   config, workdir = _CONFIG.value, _WORKDIR.value

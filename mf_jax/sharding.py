@@ -15,16 +15,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from mf_jax import distributed
-
 AXES = ("data", "fsdp")
 BATCH_SPEC = P(AXES)
 FSDP_MIN_SIZE = 2**18  # parameters with fewer elements stay replicated
-
-
-# Every entry point calls this first; `distributed` says how each platform
-# (Cloud TPU VM, GKE, SLURM, an explicit coordinator) is recognised.
-initialize_distributed = distributed.initialize
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:

@@ -17,7 +17,6 @@ from jax._src import clusters
 from jax._src.clusters import cloud_tpu_cluster
 
 from mf_jax import distributed
-from mf_jax import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PREFIXES = ("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
@@ -109,7 +108,7 @@ def test_multi_worker_cloud_tpu_vm_starts_the_client(metadata_server, env,
   _fake_tpu_vm(env, metadata_server, workers=4, worker_number=2)
   assert distributed.start_reason(os.environ) == (
       "Cloud TPU VM v5litepod-32, 4 workers")
-  sharding.initialize_distributed()
+  distributed.initialize()
   assert starts == [{}]  # JAX detects the rest; what it finds:
   assert clusters.ClusterEnv.auto_detect_unset_distributed_params(
       None, None, None, None, None, 10) == ("10.130.0.2:8482", 4, 2, None)
@@ -118,7 +117,7 @@ def test_multi_worker_cloud_tpu_vm_starts_the_client(metadata_server, env,
 def test_single_worker_cloud_tpu_vm_starts_nothing(metadata_server, env,
                                                    starts):
   _fake_tpu_vm(env, metadata_server, workers=1)
-  sharding.initialize_distributed()
+  distributed.initialize()
   assert starts == []
   assert "worker-network-endpoints" in metadata_server.requests
 
@@ -126,10 +125,10 @@ def test_single_worker_cloud_tpu_vm_starts_nothing(metadata_server, env,
 def test_metadata_is_not_queried_off_tpu_vms(metadata_server, env, starts):
   _fake_tpu_vm(env, metadata_server, workers=4)
   env.setattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False)
-  sharding.initialize_distributed()
+  distributed.initialize()
   env.setattr(cloud_tpu_init, "running_in_cloud_tpu_vm", True)
   env.setenv("TPU_SKIP_MDS_QUERY", "1")
-  sharding.initialize_distributed()
+  distributed.initialize()
   assert starts == [] and metadata_server.requests == []
 
 
@@ -142,7 +141,7 @@ def test_silent_metadata_server_costs_at_most_the_timeout(env, starts):
     s.listen(1)
     env.setenv("GCE_METADATA_IP", f"127.0.0.1:{s.getsockname()[1]}")
     begin = time.monotonic()
-    sharding.initialize_distributed()
+    distributed.initialize()
     seconds = time.monotonic() - begin
   assert starts == []
   assert seconds < distributed.METADATA_TIMEOUT_S + 1
@@ -172,7 +171,7 @@ def test_silent_metadata_server_costs_at_most_the_timeout(env, starts):
 def test_cluster_environments(env, starts, variables, started):
   for name, value in variables.items():
     env.setenv(name, value)
-  sharding.initialize_distributed()
+  distributed.initialize()
   assert starts == ([{}] if started else [])
 
 
@@ -180,7 +179,7 @@ def test_explicit_coordinator_passes_its_numbers(env, starts):
   env.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
   env.setenv("JAX_NUM_PROCESSES", "2")
   env.setenv("JAX_PROCESS_ID", "1")
-  sharding.initialize_distributed()
+  distributed.initialize()
   assert starts == [dict(coordinator_address="10.0.0.1:1234",
                          num_processes=2, process_id=1)]
 
@@ -200,7 +199,7 @@ def test_bad_settings_are_one_line_errors(env, starts, variables, message):
   for name, value in variables.items():
     env.setenv(name, value)
   with pytest.raises(ValueError) as error:
-    sharding.initialize_distributed()
+    distributed.initialize()
   assert str(error.value).startswith(message)
   assert "\n" not in str(error.value) and starts == []
 
@@ -212,7 +211,7 @@ def test_several_processes_without_a_client_stop(env, starts, monkeypatch):
   with pytest.raises(RuntimeError, match=(
       r"^jax.process_count\(\) is 4 but jax.distributed was not started, .*"
       r"set MF_JAX_DISTRIBUTED=1 on every host")):
-    sharding.initialize_distributed()
+    distributed.initialize()
   assert starts == []
   monkeypatch.setattr(distributed, "is_started", lambda: True)
   distributed.check_started()
@@ -248,8 +247,8 @@ def test_two_processes_with_a_coordinator_start_the_client():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  script = ("from mf_jax import distributed, sharding; "
-            "sharding.initialize_distributed(); import jax; "
+  script = ("from mf_jax import distributed; "
+            "distributed.initialize(); import jax; "
             "print(jax.process_index(), jax.process_count(), "
             "distributed.is_started())")
   results = _two_processes([sys.executable, "-c", script],

@@ -38,7 +38,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from mf_jax import sharding
+from mf_jax import distributed
 from mf_jax.evaluation import fid_eval
 from mf_jax.training import trainer
 
@@ -106,7 +106,7 @@ def run(config, flag_values) -> dict:
 
 def main(argv):
   del argv
-  sharding.initialize_distributed()
+  distributed.initialize()
   result = run(_CONFIG.value, flags.FLAGS)
   if jax.process_index() == 0:
     print(json.dumps(result, sort_keys=True))

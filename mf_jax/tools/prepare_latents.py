@@ -34,6 +34,7 @@ from absl import logging
 from etils import epath
 
 from mf_jax import files
+from mf_jax import distributed
 from mf_jax import sharding
 from mf_jax.data import imagenet
 from mf_jax.data import latents
@@ -205,7 +206,7 @@ def _encode_padded(encode, crops: np.ndarray, batch: int) -> np.ndarray:
 
 def main(argv):
   del argv
-  sharding.initialize_distributed()
+  distributed.initialize()
   manifest = prepare(
       _VAE.value, _SOURCE.value, _OUTPUT.value, limit=_LIMIT.value,
       batch=_BATCH.value, shard_size=_SHARD_SIZE.value,
