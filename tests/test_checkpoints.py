@@ -21,6 +21,7 @@ from etils import epath
 
 from mf_jax import checkpointing
 from mf_jax.training import resume
+from mf_jax.training import signals as signals_lib
 from mf_jax.training import step as step_lib
 from mf_jax.training import trainer
 
@@ -321,7 +322,7 @@ def test_second_sigint_exits_at_once():
   previous handlers are back afterwards."""
   before = signal.getsignal(signal.SIGINT)
   with pytest.raises(KeyboardInterrupt):
-    with trainer.StopSignals() as signals:
+    with signals_lib.StopSignals() as signals:
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(0.1)  # Python runs handlers between bytecodes
       assert signals.received == signal.SIGINT and signals.stop_at(1)

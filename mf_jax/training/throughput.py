@@ -9,6 +9,7 @@ FLOP/s: the figure TPU users compare across runs and slices.
 """
 
 import os
+import time
 
 import jax
 
@@ -157,3 +158,25 @@ class ProfileWindow:
       jax.block_until_ready(wait_for)
       jax.profiler.stop_trace()
       self._stop_before, self._armed = None, False
+
+
+class StepRate:
+  """Steps per second and model FLOPs utilisation between log steps."""
+
+  def __init__(self, mesh, flops_per_step: float | None, step: int):
+    self.flops_per_step = flops_per_step
+    self.num_devices = mesh.size
+    self.device_kind = mesh.devices.flat[0].device_kind
+    self._step, self._time = step, time.monotonic()
+
+  def measure(self, step: int) -> dict[str, float]:
+    now = time.monotonic()
+    steps_per_sec = (step - self._step) / max(now - self._time, 1e-9)
+    self._step, self._time = step, now
+    out = {"steps_per_sec": steps_per_sec}
+    mfu = model_flops_utilization(
+        self.flops_per_step, steps_per_sec, self.num_devices,
+        self.device_kind)
+    if mfu is not None:
+      out["mfu"] = mfu
+    return out

@@ -9,7 +9,6 @@ logging, sample grids, evaluation and checkpoints.
 import functools
 import json
 import os
-import signal
 import time
 
 import jax
@@ -33,6 +32,7 @@ from mf_jax.evaluation import images
 from mf_jax.models import vae
 from mf_jax.training import state as state_lib
 from mf_jax.training import resume
+from mf_jax.training import signals as signals_lib
 from mf_jax.training import step as step_lib
 from mf_jax.training import throughput
 from mf_jax.training import writers
@@ -192,65 +192,6 @@ def save_sample_grid(exp: Experiment, state, step: int, evaluator,
   return path
 
 
-class StopSignals:
-  """Turns SIGTERM, SIGINT and SIGHUP into "save at one step, then exit".
-
-  SIGTERM is preemption; SIGINT is Ctrl-C (a second one exits at once);
-  SIGHUP is a dropped ssh session or terminal, which must not kill a run
-  without its checkpoint.
-
-  One process: each signal sets a flag the loop reads after every step.
-  Several processes: `jax.distributed.initialize` starts JAX's preemption
-  sync manager, which catches SIGTERM itself, passes the notice through the
-  coordination service to every host and fixes one step for all of them;
-  asking `reached_preemption_sync_point(step)` every step is a local check
-  until a notice arrives. SIGINT and SIGHUP are forwarded to it as SIGTERM.
-  If that service is off (jax_enable_preemption_service=False), each host's
-  flag is gathered from all hosts every step, a small collective per step.
-  Used as a context manager: the previous handlers come back afterwards.
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-  def __init__(self):
-    self.received = None
-    self._multi_host = jax.process_count() > 1
-    self._sync_manager = self._multi_host and (
-        jax.config.jax_enable_preemption_service)
-    self._previous = {}
-
-  def __enter__(self):
-    for signum in self.SIGNALS:
-      if signum == signal.SIGTERM and self._sync_manager:
-        continue  # JAX's handler
-      self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc):
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-
-  def _handle(self, signum, frame):
-    del frame
-    if signum == signal.SIGINT and self.received == signal.SIGINT:
-      raise KeyboardInterrupt  # the second Ctrl-C: out now, no save
-    self.received = signum
-    logging.warning("%s received: saving a checkpoint, then exiting (Ctrl-C "
-                    "again exits at once).", signal.Signals(signum).name)
-    if self._sync_manager:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  def stop_at(self, step: int) -> bool:
-    """Whether to save at `step` and stop; call it once for every step."""
-    if self._sync_manager:
-      return multihost_utils.reached_preemption_sync_point(step)
-    if self._multi_host:
-      flags = multihost_utils.process_allgather(
-          np.int32(self.received is not None))
-      return bool(np.any(flags))
-    return self.received is not None
-
-
 class SaveSchedule:
   """When to checkpoint: every `checkpoint.every_steps`, once early at
   `checkpoint.first_step`, at the last step, and once `every_secs` have
@@ -277,28 +218,6 @@ class SaveSchedule:
     if jax.process_count() > 1:
       late = bool(multihost_utils.broadcast_one_to_all(np.int32(late)))
     return late
-
-
-class Throughput:
-  """Steps per second and model FLOPs utilisation between log steps."""
-
-  def __init__(self, mesh, flops_per_step: float | None, step: int):
-    self.flops_per_step = flops_per_step
-    self.num_devices = mesh.size
-    self.device_kind = mesh.devices.flat[0].device_kind
-    self._step, self._time = step, time.monotonic()
-
-  def measure(self, step: int) -> dict[str, float]:
-    now = time.monotonic()
-    steps_per_sec = (step - self._step) / max(now - self._time, 1e-9)
-    self._step, self._time = step, now
-    out = {"steps_per_sec": steps_per_sec}
-    mfu = throughput.model_flops_utilization(
-        self.flops_per_step, steps_per_sec, self.num_devices,
-        self.device_kind)
-    if mfu is not None:
-      out["mfu"] = mfu
-    return out
 
 
 def checkpoint_meta(exp: Experiment, state, step: int) -> dict:
@@ -366,7 +285,7 @@ def train_and_evaluate(config, workdir: str, step: int | None = None,
   data_iterator = pipeline.make_train_iterator(
       config, sharding.process_batch_rows(exp.mesh, config.training.batch_size),
       start_step)
-  with StopSignals() as signals:
+  with signals_lib.StopSignals() as signals:
     try:
       return _train_loop(exp, state, start_step, data_iterator, signals)
     except Exception:
@@ -385,7 +304,7 @@ def _finish_pending_saves(checkpointer):
 
 
 def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
-                signals: StopSignals) -> dict:
+                signals: signals_lib.StopSignals) -> dict:
   config, workdir = exp.config, exp.workdir
   rng = jax.jit(functools.partial(jax.random.key, config.training.seed),
                 out_shardings=sharding.replicated(exp.mesh))()
@@ -394,7 +313,7 @@ def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
   # model FLOPs utilisation, and a shape or sharding that does not fit
   # fails here, not at step one.
   train_step = exp.lower_train_step().compile()
-  speed = Throughput(exp.mesh, throughput.compiled_flops(train_step),
+  speed = throughput.StepRate(exp.mesh, throughput.compiled_flops(train_step),
                      start_step)
   profile = throughput.ProfileWindow.from_config(config.profile, workdir)
   batch_sharding = sharding.batch_sharding(exp.mesh)
