@@ -11,6 +11,9 @@ import jax
 import numpy as np
 import pytest
 
+from mf_jax import config_lib
+from mf_jax import sharding
+from mf_jax.evaluation import evaluator as evaluator_lib
 from mf_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,3 +190,21 @@ def test_meanflow_one_step_beats_flow_matching_on_checkerboard(tmp_path):
     results = trainer.train_and_evaluate(c, str(tmp_path / objective))
     one_step[objective] = results["nfe1/energy_distance"]
   assert one_step["meanflow"] < 0.5 * one_step["flow_matching"], one_step
+
+
+def test_no_sample_only_evaluation_without_a_score():
+  """Latent samples have no score without FID: the evaluator draws none
+  (an ImageNet config would otherwise sample 50,000 for nothing)."""
+  c = config_lib.imagenet256_config("S/4", 1.0, 0.0, 0.0, 1.0)
+  c.eval.update(batch_size=8, num_samples=16)
+
+  def u_fn(*args, **kwargs):
+    raise AssertionError("sampled")
+
+  evaluator = evaluator_lib.Evaluator(c, u_fn, sharding.make_mesh(c.mesh),
+                                      (32, 32, 4))
+  assert not evaluator.scores_samples
+  assert evaluator({}, jax.random.key(0)) == {}
+  c.data.name = "digits"
+  assert evaluator_lib.Evaluator(c, u_fn, sharding.make_mesh(c.mesh),
+                                 (8, 8, 1)).scores_samples

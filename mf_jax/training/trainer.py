@@ -316,6 +316,11 @@ def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
   speed = throughput.StepRate(exp.mesh, throughput.compiled_flops(train_step),
                      start_step)
   profile = throughput.ProfileWindow.from_config(config.profile, workdir)
+  evaluating = evaluator.scores_samples or bool(config.eval.inception)
+  if config.eval.every_steps and not evaluating:
+    logging.warning("No evaluation: %s samples have no score without FID "
+                    "(set eval.inception and eval.ref_stats).",
+                    config.data.name)
   batch_sharding = sharding.batch_sharding(exp.mesh)
   writer = writers.create_writer(workdir)
   # Progress and ETA in the log; the scalars come from `speed`.
@@ -357,7 +362,7 @@ def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
     if every(config.sample.every_steps, step):
       guarded(config, f"Sample grid at step {step}", save_sample_grid, exp,
               state, step, evaluator)
-    if every(config.eval.every_steps, step):
+    if evaluating and every(config.eval.every_steps, step):
       results = guarded(config, f"Evaluation at step {step}", evaluate, exp,
                         state, step, evaluator) or results
       writer.write_scalars(step, results)
