@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,16 @@ class Checkpointer:
       raise self._save_failure(self._pending_step, e) from e
 
   def _save_failure(self, step, error) -> CheckpointError:
+    # Other writes of the failed save may still be running: closing the
+    # manager joins them (they end with their own errors) before their
+    # folder is removed; a fresh manager serves whatever comes next.
+    for finish in (self.manager.wait_until_finished, self.manager.close):
+      try:
+        finish()
+      except Exception:  # pylint: disable=broad-except
+        pass
     self.remove_temporary()
+    self.manager = self._new_manager()
     which = f"step {step}" if step is not None else "a checkpoint"
     return CheckpointError(f"Saving {which} in {self.directory} failed: "
                            f"{_root_cause(error)}")
@@ -100,10 +110,17 @@ class Checkpointer:
     """Deletes the temporary folders of unfinished saves (process 0)."""
     if jax.process_index() != 0 or not self.directory.exists():
       return
-    for path in self.directory.iterdir():
-      if _TMP_MARK in path.name:
-        logging.warning("Removing the unfinished save %s.", path)
+    # Some orbax versions finish writing small files (e.g. `_sharding`)
+    # from threads that nothing joins: look again until none reappear.
+    for attempt in range(10):
+      leftovers = [p for p in self.directory.iterdir() if _TMP_MARK in p.name]
+      if not leftovers:
+        return
+      for path in leftovers:
+        if attempt == 0:
+          logging.warning("Removing the unfinished save %s.", path)
         _remove_tree(path)
+      time.sleep(0.2)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
