@@ -27,15 +27,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from configs import toy2d  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-NUM_STEPS = 150
+NUM_STEPS = 80
 OVERRIDES = {"model.hidden_size": 128, "model.depth": 2,
              "training.batch_size": 128, "training.log_every_steps": 1,
              "training.num_steps": NUM_STEPS,
-             "checkpoint.every_steps": 25, "checkpoint.max_to_keep": 3,
+             "checkpoint.every_steps": 10, "checkpoint.max_to_keep": 3,
              "eval.every_steps": 0, "sample.every_steps": 0}
 SEEDS = [int(os.environ["MF_FAULT_SEED"])] if "MF_FAULT_SEED" in os.environ \
     else [1]
-LAUNCHES = 6
+LAUNCHES = 5
 
 
 def launch(workdir, *extra, **overrides):
@@ -114,7 +114,7 @@ def interrupt(proc, rng, workdir):
     if size() > logged_before:  # this launch is training
       break
     time.sleep(0.05)
-  time.sleep(rng.uniform(0.0, 4.0))
+  time.sleep(rng.uniform(0.0, 2.5))
   if proc.poll() is not None or rng.random() < 0.15:
     return None
   signum = rng.choice([signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
