@@ -162,9 +162,13 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"move_aside_{prefix}_{step}")
       target = self.directory / f"{prefix}_{step}"
+    self.reopen()
+    return str(target)
+
+  def reopen(self):
+    """A fresh manager, after the folder changed under the old one."""
     self.manager.close()
     self.manager = self._new_manager()
-    return str(target)
 
   def close(self):
     self.manager.close()

@@ -204,7 +204,6 @@ def _supersede_later(checkpointer, step, steps):
 def _archive(checkpointer, reason: str):
   """Moves the whole checkpoint folder aside and starts from scratch."""
   directory = checkpointer.directory
-  checkpointer.close()
   target = _archive_path(directory)
   if jax.process_index() == 0:
     directory.rename(target)
@@ -212,7 +211,7 @@ def _archive(checkpointer, reason: str):
     multihost_utils.sync_global_devices("archive_checkpoints")
   logging.warning("--start_fresh: %s; archived the checkpoints to %s and "
                   "training from scratch.", reason, target)
-  checkpointer.manager = checkpointer._new_manager()  # pylint: disable=protected-access
+  checkpointer.reopen()
   return None, 0
 
 
