@@ -104,7 +104,7 @@ class Checkpointer:
     self.manager = self._new_manager()
     which = f"step {step}" if step is not None else "a checkpoint"
     return CheckpointError(f"Saving {which} in {self.directory} failed: "
-                           f"{_root_cause(error)}")
+                           f"{root_cause(error)}")
 
   def remove_temporary(self):
     """Deletes the temporary folders of unfinished saves (process 0)."""
@@ -174,7 +174,7 @@ class Checkpointer:
     self.manager.close()
 
 
-def _root_cause(error: BaseException) -> str:
+def root_cause(error: BaseException) -> str:
   """The innermost cause of a chain of exceptions, as 'Type: message'."""
   while error.__cause__ is not None or error.__context__ is not None:
     error = error.__cause__ or error.__context__

@@ -22,8 +22,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from mf_jax import checkpointing
-from mf_jax import samplers
 from mf_jax import distributed
+from mf_jax import samplers
 from mf_jax.training import step as step_lib
 from mf_jax.training import trainer
 

@@ -66,8 +66,9 @@ def restore(checkpointer, abstract_state, config, *, step=None,
                      f"{_FRESH_HINT}.") from None
     except _Damaged as e:
       if step is not None:
-        raise CheckpointError(f"Checkpoint {candidate} in "
-                              f"{checkpointer.directory} is unreadable: {e}") from None
+        raise CheckpointError(
+            f"Checkpoint {candidate} in {checkpointer.directory} is "
+            f"unreadable: {e}") from None
       logging.warning("Checkpoint at step %d is unreadable (%s); trying the "
                       "one before it.", candidate, e)
       damaged.append((candidate, str(e)))
@@ -125,7 +126,7 @@ def _on_all_hosts(read, *args):
     error, result = e, None
   failed = _any_host(error is not None)
   if failed:
-    cause = checkpointing._root_cause(error) if error else (  # pylint: disable=protected-access
+    cause = checkpointing.root_cause(error) if error else (
         "another host could not read it")
     raise _Damaged(cause)
   return result

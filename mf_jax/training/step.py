@@ -18,10 +18,11 @@ def train_step(state: TrainState, batch, rng, *, loss_fn, tx, schedule):
   """One update. The step is folded into the RNG, so a resumed run draws
   the same noise and times as an uninterrupted one.
 
-  A step whose loss, gradient or updated parameters are not finite changes nothing but the step
-  counter and the non-finite record (both `on_nonfinite` policies drop its
-  update): the state stays finite, so it can never be saved poisoned, and
-  the host learns of it from one scalar it reads at log and save steps.
+  A step whose loss, gradient or updated parameters are not finite changes
+  nothing but the step counter and the non-finite record (both
+  `on_nonfinite` policies drop its update): the state stays finite, so it
+  can never be saved poisoned, and the host learns of it from one scalar it
+  reads at log and save steps.
   """
   rng = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -67,7 +67,7 @@ class Experiment:
   @functools.cached_property
   def checkpointer(self) -> checkpointing.Checkpointer:
     return checkpointing.Checkpointer(
-        os.path.join(absolute(self.workdir), "checkpoints"),
+        os.path.join(files.absolute(self.workdir), "checkpoints"),
         self.config.checkpoint.max_to_keep, self.config.checkpoint.async_save)
 
   def jit_train_step(self):
@@ -120,11 +120,6 @@ class Experiment:
   def make_evaluator(self):
     return evaluator_lib.Evaluator(self.config, self.u_fn, self.mesh,
                                    self.input_shape)
-
-
-def absolute(workdir: str) -> str:
-  """A local workdir made absolute (orbax wants that); URIs as they are."""
-  return workdir if "://" in workdir else os.path.abspath(workdir)
 
 
 def sample_schedule(config) -> int | str:
@@ -281,7 +276,7 @@ def train_and_evaluate(config, workdir: str, step: int | None = None,
     logging.info("Resumed from step %d.", start_step)
   # The run's config beside its checkpoints, so tools (export) rebuild it.
   files.write_json(os.path.join(workdir, "config.json"),
-             json.loads(config.to_json_best_effort()))
+                   json.loads(config.to_json_best_effort()))
   data_iterator = pipeline.make_train_iterator(
       config, sharding.process_batch_rows(exp.mesh, config.training.batch_size),
       start_step)
@@ -313,8 +308,8 @@ def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
   # model FLOPs utilisation, and a shape or sharding that does not fit
   # fails here, not at step one.
   train_step = exp.lower_train_step().compile()
-  speed = throughput.StepRate(exp.mesh, throughput.compiled_flops(train_step),
-                     start_step)
+  speed = throughput.StepRate(
+      exp.mesh, throughput.compiled_flops(train_step), start_step)
   profile = throughput.ProfileWindow.from_config(config.profile, workdir)
   evaluating = evaluator.scores_samples or bool(config.eval.inception)
   if config.eval.every_steps and not evaluating:
