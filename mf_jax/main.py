@@ -99,7 +99,14 @@ def run(argv):
     logging.exception("Stopped:")
     logging.flush()
     sys.stdout.flush()
-    print(f"mf_jax: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    # Threads still shutting down (orbax's event loops) may print after
+    # this point: silence fd 2 first, then write the verdict to a copy.
+    verdict_fd = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.write(verdict_fd, f"mf_jax: {type(e).__name__}: {e}\n".encode())
     os._exit(1)  # pylint: disable=protected-access
 
 
