@@ -17,6 +17,8 @@ import os
 import jax
 from etils import epath
 
+from mf_jax.training import state as state_lib
+
 ON_NONFINITE = ("stop", "skip")
 
 
@@ -82,18 +84,18 @@ def _problems(config) -> list[str]:
 
 
 def _ema_problems(config) -> list[str]:
-  """eval.ema_decay must name an EMA the run keeps (state.ema_key spells
-  the keys with '%g', so the decays are compared that way)."""
+  """eval.ema_decay must name an EMA the run keeps, compared by the keys
+  the train state stores them under (`state.ema_key`)."""
   has_decays, decays = _get(config, "training.ema_decays")
   present, decay = _get(config, "eval.ema_decay")
   if not (present and has_decays and _number(decay)
           and isinstance(decays, (tuple, list))):
     return []
-  kept = [f"{d:g}" for d in decays if _number(d)]
+  kept = [state_lib.ema_key(d) for d in decays if _number(d)]
   if decay < 0 and not kept:
     return [f"eval.ema_decay={decay!r} (the first EMA) but "
             "training.ema_decays is empty (use 0 for the online parameters)"]
-  if decay > 0 and f"{decay:g}" not in kept:
+  if decay > 0 and state_lib.ema_key(decay) not in kept:
     return [f"eval.ema_decay={decay!r} (must be one of training.ema_decays="
             f"{tuple(decays)!r}, 0 for the online parameters or < 0 for "
             "the first EMA)"]

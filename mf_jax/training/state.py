@@ -32,7 +32,12 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def ema_key(decay: float) -> str:
-  return f"{decay:g}"
+  """'%g' (the keys of existing checkpoints) where it is exact, else the
+  shortest exact repr: '%g' alone maps 0.9999995 to '1', so two decays
+  could share a key and one EMA silently replace the other."""
+  decay = float(decay)
+  short = f"{decay:g}"
+  return short if float(short) == decay else repr(decay)
 
 
 def make_u_fn(model):
