@@ -1,10 +1,12 @@
 """Tests for the FD-digits classifier: training, caching and the metrics."""
 
 import os
+import warnings
 
 import jax
 import numpy as np
 import pytest
+import scipy.linalg
 
 from mf_jax.data import digits
 from mf_jax.evaluation import digits_classifier as dc
@@ -64,9 +66,40 @@ def test_fd_orders_real_above_degenerate_sets(classifier):
     assert dc.fd_digits(classifier, fake) > 20 * fd_real
 
 
-def test_fd_is_deterministic(classifier):
-  real, _ = digits.load("classifier_test")
-  assert dc.fd_digits(classifier, real) == dc.fd_digits(classifier, real)
+def _scipy_fd(features, reference):
+  """The FID formula written independently: np.cov and scipy's sqrtm."""
+  f, g = np.asarray(features, np.float64), np.asarray(reference, np.float64)
+  s1, s2 = np.cov(f, rowvar=False), np.cov(g, rowvar=False)
+  with warnings.catch_warnings():  # dead ReLU features: singular S1 S2
+    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+  diff = f.mean(axis=0) - g.mean(axis=0)
+  return diff @ diff + np.trace(s1 + s2 - 2 * root)
+
+
+def test_fd_is_the_frechet_distance_of_the_features(classifier):
+  """fd_digits against scipy on the same features, FD(P, P) = 0, seeds:
+  the same draw gives the same value, another draw another value, and two
+  draws of the digits are close where one class alone is far."""
+  everything, labels = digits.load("train")
+  reference = classifier.features(everything)
+
+  def draw(seed):
+    rows = np.random.default_rng(seed).choice(len(everything), 600,
+                                              replace=False)
+    return everything[rows]
+
+  fds = [dc.fd_digits(classifier, draw(seed)) for seed in (0, 0, 1)]
+  assert fds[0] == fds[1] and fds[0] != fds[2]
+  for seed, fd in ((0, fds[0]), (1, fds[2])):
+    want = _scipy_fd(classifier.features(draw(seed)), reference)
+    np.testing.assert_allclose(fd, want, rtol=1e-5)
+  one_class = everything[labels == 3]
+  far = dc.fd_digits(classifier, one_class)
+  np.testing.assert_allclose(
+      far, _scipy_fd(classifier.features(one_class), reference), rtol=1e-5)
+  assert max(fds) < 0.02 * far
+  assert dc.fd_digits(classifier, everything) < 1e-6 * far
   assert classifier.reference_stats() is classifier.reference_stats()
 
 
