@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mf_jax import samplers
-from tests.gaussian_flow import exact_u, marginal_velocity, MU, S
+from mf_jax.objectives import common
+from tests.gaussian_flow import exact_u, marginal_velocity, MU, S, sigma
 
 
 def velocity_model(params, z, t, h, y, train):
@@ -39,22 +40,52 @@ def test_euler_converges_to_the_flow():
   assert errors[0] > 5 * errors[1] > 25 * errors[2] and errors[2] < 0.05
 
 
-def test_sampling_is_deterministic_and_keeps_shape():
-  def model(params, z, t, h, y, train):
-    del train
-    return jnp.tanh(z * params + t[:, None, None, None] - h[:, None, None, None]
-                    + y[:, None, None, None])
+def _class_mean(y, z):
+  """Class y's data is N(MU + y, S^2): a field that depends on the label."""
+  return MU + y.astype(z.dtype).reshape((-1,) + (1,) * (z.ndim - 1))
 
-  noise = jax.random.normal(jax.random.key(2), (6, 4, 4, 3))
+
+def conditional_exact_u(params, z, t, h, y, train):
+  """gaussian_flow.exact_u with the label's mean."""
+  del params, train
+  m = _class_mean(y, z)
+  t_, r_ = common.broadcast_to(t, z), common.broadcast_to(t - h, z)
+  xi = (z - (1 - t_) * m) / sigma(t_)
+  return (z - ((1 - r_) * m + sigma(r_) * xi)) / common.broadcast_to(h, z)
+
+
+def conditional_velocity(params, z, t, h, y, train):
+  """gaussian_flow.marginal_velocity with the label's mean (h = 0)."""
+  del params, h, train
+  m, t_ = _class_mean(y, z), common.broadcast_to(t, z)
+  return -m + (t_ - (1 - t_) * S**2) / sigma(t_) ** 2 * (z - (1 - t_) * m)
+
+
+def test_samples_follow_the_noise_seed_and_the_labels():
+  """Images (NHWC) with per-row labels on a closed-form field: each row
+  lands on its own class's exact x = MU + y + S e; the same noise seed
+  gives the same samples, another seed other samples."""
   labels = samplers.make_labels(jax.random.key(3), 6, 10, "random")
-  sample = jax.jit(functools.partial(samplers.flow_map_sample, model))
-  a = sample(0.5, noise, labels, samplers.uniform_timesteps(3))
-  b = sample(0.5, noise, labels, samplers.uniform_timesteps(3))
-  assert a.shape == noise.shape and a.dtype == noise.dtype
-  np.testing.assert_array_equal(a, b)
-  c = samplers.euler_sample(model, 0.5, noise, labels,
-                            jnp.array([1.0, 0.6, 0.0]))
-  assert c.shape == noise.shape
+  assert len(set(np.asarray(labels).tolist())) > 1
+  sample = jax.jit(functools.partial(samplers.flow_map_sample,
+                                     conditional_exact_u))
+  euler_sample = jax.jit(functools.partial(samplers.euler_sample,
+                                           conditional_velocity))
+  out = {}
+  for seed in (2, 3):
+    noise = jax.random.normal(jax.random.key(seed), (6, 4, 4, 3))
+    x = sample(None, noise, labels, samplers.uniform_timesteps(3))
+    assert x.shape == noise.shape and x.dtype == noise.dtype
+    want = MU + np.asarray(labels)[:, None, None, None] + S * noise
+    np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-5)
+    again = sample(None, jax.random.normal(jax.random.key(seed), noise.shape),
+                   labels, samplers.uniform_timesteps(3))
+    np.testing.assert_array_equal(again, x)
+    # Euler on the instantaneous velocity converges to the same map.
+    euler = euler_sample(None, noise, labels, samplers.uniform_timesteps(200))
+    np.testing.assert_allclose(euler, want, atol=0.02)
+    out[seed] = np.asarray(x)
+  assert not np.any(out[2] == out[3])
 
 
 def test_labels():
