@@ -4,6 +4,10 @@ The official ImageNet setting (`config_lib.imagenet256_config`) with
 training-time CFG omega = 1.0, kappa = 0.5 on [0, 1] (effective scale 2),
 240 epochs: 1-NFE FID 6.17 in the paper.
 
+Flips: data.random_flip=True (our default) reads the mirrored crop's
+latents half the time; the official runs never flip, so add
+--config.data.random_flip=False to reproduce the paper's training data.
+
   python -m mf_jax.main --config=configs/imagenet256_b2.py --workdir=DIR \
       --config.data.latents_dir=LATENTS
 """

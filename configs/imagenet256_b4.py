@@ -11,6 +11,10 @@ in Table 5, per the official README). 240 epochs (1,200,960 steps) is the
 official run whose checkpoint was released: 1-NFE FID 11.35 in the official
 README ("expected 11.4" for the released checkpoint), not a paper figure.
 
+Flips: data.random_flip=True (our default) reads the mirrored crop's
+latents half the time; the official runs never flip, so add
+--config.data.random_flip=False to reproduce the paper's training data.
+
   python -m mf_jax.main --config=configs/imagenet256_b4.py --workdir=DIR \
       --config.data.latents_dir=LATENTS
 """

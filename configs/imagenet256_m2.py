@@ -7,6 +7,10 @@ omega = 0.2, kappa = 0.92 (effective scale 2.5) on [0, 0.8] as for L/2,
 which is our reading of the paper's configuration table. Check it against
 the paper before quoting an M/2 FID.
 
+Flips: data.random_flip=True (our default) reads the mirrored crop's
+latents half the time; the official runs never flip, so add
+--config.data.random_flip=False to reproduce the paper's training data.
+
   python -m mf_jax.main --config=configs/imagenet256_m2.py --workdir=DIR \
       --config.data.latents_dir=LATENTS
 """

@@ -9,6 +9,10 @@ Memory: the fp32 train state (params, two Adam moments, one EMA copy) is
 about 10.8 GB before activations, so small-HBM chips need FSDP; see the
 README's "Which TPU slice fits XL/2" and `python -m mf_jax.tools.plan`.
 
+Flips: data.random_flip=True (our default) reads the mirrored crop's
+latents half the time; the official runs never flip, so add
+--config.data.random_flip=False to reproduce the paper's training data.
+
   python -m mf_jax.main --config=configs/imagenet256_xl.py --workdir=DIR \
       --config.data.latents_dir=LATENTS [--config.mesh.data=1 --config.mesh.fsdp=-1]
 

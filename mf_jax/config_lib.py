@@ -72,9 +72,12 @@ def base_config() -> ml_collections.ConfigDict:
   # model with augment_dim = 6 (the U-Net), which is told the parameters.
   # vae: the diffusers SD-VAE weights (a local file) the latents were made
   # with; latent runs need it to decode samples for grids and FID.
+  # random_flip (ImageNet latents): read a random one of the plain and the
+  # mirrored crop's latents; False reads the plain one only, as the official
+  # MeanFlow runs (no flips). TFDS images are always flipped, digits never.
   c.data = ml_collections.ConfigDict(dict(
       name="digits", tfds_data_dir="", latents_dir="", vae="",
-      shuffle_seed=0, augment_p=0.0))
+      shuffle_seed=0, augment_p=0.0, random_flip=True))
 
   # Mesh axis sizes; -1 takes the remaining devices. Parameters (and their
   # optimizer moments and EMA copies) with at least fsdp_min_size elements

@@ -113,9 +113,13 @@ def test_paper_config_has_the_official_settings(name):
     # the larger models.
     assert obj.guidance_omega / (1 - obj.guidance_kappa) == pytest.approx(
         2.0 if name.startswith("imagenet256_b") else 2.5)
+  doc = importlib.import_module(f"configs.{name}").__doc__
   if fid is not None:  # what the docstring quotes is the paper's figure
-    doc = importlib.import_module(f"configs.{name}").__doc__
     assert f"1-NFE FID {fid}" in doc
+  # The official runs never flip (vae_util.py:116-119 ignores use_flip):
+  # a config that flips must say how to reproduce them.
+  if c.data.random_flip:
+    assert "--config.data.random_flip=False" in doc
 
 
 def test_xl_epochs_argument_gives_the_xl_plus_run():

@@ -124,13 +124,26 @@ def test_rerun_skips_finished_shards_and_refuses_other_settings(prepared):
                             batch=BATCH, shard_size=3, workers=2)
 
 
-def _config(out, batch_size, seed=0):
+def _config(out, batch_size, seed=0, random_flip=True):
   c = config_lib.base_config()
   c.data.name = "imagenet256_latents"
   c.data.latents_dir = out
   c.data.shuffle_seed = seed
+  c.data.random_flip = random_flip
   c.training.batch_size = batch_size
   return c
+
+
+def _record_and_view(batch, records):
+  """(record index, view) each row was drawn from: x = mean + std * eps of
+  exactly one view of one record with that label (|eps| < 6)."""
+  found = []
+  for x, y in zip(batch["x"] / vae.LATENT_SCALE, batch["y"]):
+    hits = [(i, v) for i, (label, m) in enumerate(records) for v in (0, 1)
+            if label == y and np.all(np.abs(x - m[v, 0]) < 6 * m[v, 1])]
+    assert len(hits) == 1
+    found.append(hits[0])
+  return found
 
 
 def test_reader_samples_random_views_deterministically(prepared):
@@ -142,15 +155,10 @@ def test_reader_samples_random_views_deterministically(prepared):
   for batch in epochs:
     assert batch["x"].shape == (LIMIT, 32, 32, 4)
     assert batch["x"].dtype == np.float32 and batch["y"].dtype == np.int32
-    matched = []
-    for x, y in zip(batch["x"] / vae.LATENT_SCALE, batch["y"]):
-      # x = mean + std * eps of one view of one record (|eps| < 6).
-      hits = [(i, v) for i, (label, m) in enumerate(records) for v in (0, 1)
-              if label == y and np.all(np.abs(x - m[v, 0]) < 6 * m[v, 1])]
-      assert len(hits) == 1
-      matched.append(hits[0][0])
-      views_seen.add(hits[0][1])
-    assert sorted(matched) == list(range(LIMIT))  # each record once an epoch
+    matched = _record_and_view(batch, records)
+    views_seen.update(v for _, v in matched)
+    # each record once an epoch
+    assert sorted(i for i, _ in matched) == list(range(LIMIT))
   assert views_seen == {0, 1}
   again = pipeline.make_train_iterator(_config(out, LIMIT))
   for want in epochs[:2]:
@@ -159,6 +167,34 @@ def test_reader_samples_random_views_deterministically(prepared):
     np.testing.assert_array_equal(got["y"], want["y"])
   other = next(pipeline.make_train_iterator(_config(out, LIMIT, seed=1)))
   assert not np.array_equal(other["x"], epochs[0]["x"])
+
+
+def test_without_random_flip_only_the_plain_view_is_read(prepared):
+  """data.random_flip=False (the official runs): every row is the plain
+  crop's latent; the order and eps are those of the flipping stream, so a
+  row it read flipped is the same eps on the plain view's moments."""
+  _, _, out, manifest, _, _ = prepared
+  records = [r for s in _records(out, manifest) for r in s]
+  flips = pipeline.make_train_iterator(_config(out, LIMIT))
+  plain = pipeline.make_train_iterator(_config(out, LIMIT, random_flip=False))
+  flipped_rows = 0
+  for _ in range(4):
+    a, b = next(flips), next(plain)
+    np.testing.assert_array_equal(a["y"], b["y"])
+    for (i, view), (j, plain_view), x_a, x_b in zip(
+        _record_and_view(a, records), _record_and_view(b, records),
+        a["x"], b["x"]):
+      assert (j, plain_view) == (i, 0)
+      if view == 0:
+        np.testing.assert_array_equal(x_b, x_a)
+        continue
+      flipped_rows += 1
+      m = records[i][1].astype(np.float32)
+      eps = (x_a / vae.LATENT_SCALE - m[1, 0]) / m[1, 1]
+      np.testing.assert_allclose(
+          x_b, (m[0, 0] + m[0, 1] * eps) * vae.LATENT_SCALE,
+          rtol=1e-4, atol=1e-4)
+  assert flipped_rows > 0
 
 
 def test_missing_latents_name_the_prepare_command(tmp_path):

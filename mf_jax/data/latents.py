@@ -2,9 +2,12 @@
 
 `python -m mf_jax.tools.prepare_latents` writes, per image, the posterior
 mean and std of the centre crop and of its mirror image. Training reads a
-random one of the two (a horizontal flip, which the official MeanFlow code
-skips) and samples `(mean + std * eps) * LATENT_SCALE` with fresh eps each
-time an image is visited, as the official code does on device.
+random one of the two (a horizontal flip; `data.random_flip`, default on)
+or, with `random_flip=False`, the plain one only, as the official MeanFlow
+runs do (their loader ignores its use_flip flag and their latents come
+from unflipped crops only). Either way it samples
+`(mean + std * eps) * LATENT_SCALE` with fresh eps each time an image is
+visited, as the official code does on device.
 
 The directory may be local or a URI (gs://...): the manifest and the
 shard listing go through etils.epath, and array_record reads gs:// shards
@@ -92,22 +95,30 @@ def _open_shards(paths: list[str]) -> grain.sources.ArrayRecordDataSource:
 
 
 class _SampleLatent(grain.transforms.RandomMap):
-  """Record -> {'x': scaled latent sample of a random view, 'y': label}."""
+  """Record -> {'x': scaled latent sample of a view, 'y': label}.
 
-  def __init__(self, shape, dtype):
+  The view is drawn even when flips are off, so that eps is the same in
+  both settings: they differ only in the view read.
+  """
+
+  def __init__(self, shape, dtype, random_flip: bool):
     self._shape, self._dtype = tuple(shape), np.dtype(dtype)
+    self._random_flip = random_flip
 
   def random_map(self, element, rng: np.random.Generator):
     label, moments = decode_record(element, self._shape, self._dtype)
-    mean, std = moments[rng.integers(2)].astype(np.float32)
+    view = rng.integers(2)
+    mean, std = moments[view if self._random_flip else 0].astype(np.float32)
     eps = rng.standard_normal(self._shape, dtype=np.float32)
     return {"x": (mean + std * eps) * np.float32(LATENT_SCALE),
             "y": np.int32(label)}
 
 
-def examples(latents_dir: str, seed: int) -> grain.MapDataset:
+def examples(latents_dir: str, seed: int,
+             random_flip: bool = True) -> grain.MapDataset:
   """The global stream of training examples: every record once per epoch,
-  a new order each epoch, a random view and fresh noise at every visit.
+  a new order each epoch, a random view (the plain one without
+  `random_flip`) and fresh noise at every visit.
 
   Elements are {'x': (h, w, c) float32 scaled latents, 'y': int32}. Hosts
   take their rows of each global batch from this one stream (pipeline.py),
@@ -117,5 +128,5 @@ def examples(latents_dir: str, seed: int) -> grain.MapDataset:
   source = _open_shards(shard_paths(latents_dir, manifest))
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   return ds.random_map(
-      _SampleLatent(manifest["latent_shape"], manifest["dtype"]),
-      seed=seed + 1)
+      _SampleLatent(manifest["latent_shape"], manifest["dtype"],
+                    random_flip), seed=seed + 1)

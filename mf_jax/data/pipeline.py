@@ -145,7 +145,8 @@ def make_train_iterator(config, rows=None,
   elif kind == "tfds":
     ds = _tfds_dataset(config, rows)
   else:  # VAE latents made by mf_jax.tools.prepare_latents
-    ds = latents.examples(config.data.latents_dir, config.data.shuffle_seed)
+    ds = latents.examples(config.data.latents_dir, config.data.shuffle_seed,
+                          config.data.get("random_flip", True))
     ds = _process_share(ds, rows, config.training.batch_size)
   return iter(ds[start_step:].to_iter_dataset())
 
