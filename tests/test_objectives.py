@@ -1,6 +1,5 @@
 """Objectives: the MeanFlow identity on Gaussian data, the JVP, guidance."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -108,25 +107,39 @@ def test_sample_t_r_fraction_and_order():
              float(jnp.mean(r[half:] < t[half:]))) < 0.01
 
 
+def _loss_fn(name, cfg, u_fn, num_classes):
+  """(params, batch, rng) -> (loss, metrics): draws, then the loss."""
+  objective = objectives.get(name)
+  context = objectives.Context(step=jnp.int32(0))
+
+  def loss_fn(params, batch, rng):
+    draws = objective.draw(rng, batch, cfg, num_classes, context)
+    return objective.loss(u_fn, params, batch, draws, cfg, num_classes,
+                          context)
+  return loss_fn
+
+
 def test_meanflow_with_r_equal_t_is_flow_matching():
-  """With no r != t rows, MeanFlow's loss equals flow matching's."""
+  """Given the same draws with r = t, MeanFlow's loss is flow matching's."""
   u_fn, params = _mlp_u_fn()
   batch = {"x": jax.random.normal(jax.random.key(4), (32, 2)),
            "y": jnp.arange(32, dtype=jnp.int32) % 3}
-  cfg = _config(fraction_r_neq_t=0.0, class_dropout=0.0)
-  mf, mf_metrics = meanflow.loss(u_fn, params, batch, jax.random.key(5), cfg,
-                                 num_classes=3)
-  # Flow matching with the same draws: same t (max of two), same noise.
-  fm_cfg = _config(class_dropout=0.0)
-  rng_tr, rng_e, _ = jax.random.split(jax.random.key(5), 3)
-  t, _ = time_samplers.sample_t_r(rng_tr, 32, cfg)
-  z, v = common.interpolate(batch["x"], jax.random.normal(rng_e, (32, 2)), t)
-  u = u_fn(params, z, t, jnp.zeros_like(t), batch["y"], True)
-  err = common.per_sample_sq_error(u, v)
-  fm, _ = common.adaptive_weighted_loss(err, fm_cfg.adaptive_p,
-                                        fm_cfg.adaptive_eps)
+  cfg = _config(class_dropout=0.5)
+  draws = meanflow.draw(jax.random.key(5), batch, cfg, 3)
+  assert 0 < int(jnp.sum(draws["dropped"])) < 32
+  draws["r"] = draws["t"]
+  mf, mf_metrics = meanflow.loss(u_fn, params, batch, draws, cfg, 3)
+  fm, fm_metrics = objectives.get("flow_matching").loss(
+      u_fn, params, batch, draws, cfg, 3)
   np.testing.assert_allclose(mf, fm, rtol=1e-5)
-  np.testing.assert_allclose(mf_metrics["mse"], jnp.mean(err), rtol=1e-5)
+  np.testing.assert_allclose(mf_metrics["mse"], fm_metrics["mse"], rtol=1e-5)
+  # And flow matching is the squared error to v = e - x at h = 0.
+  t = draws["t"]
+  z, v = common.interpolate(batch["x"], draws["e"], t)
+  y = jnp.where(draws["dropped"], 3, batch["y"])
+  u = u_fn(params, z, t, jnp.zeros_like(t), y, True)
+  np.testing.assert_allclose(fm_metrics["mse"],
+                             jnp.mean(jnp.sum((u - v) ** 2, -1)), rtol=1e-5)
 
 
 def test_guidance_matches_formula_and_is_one_batched_call():
@@ -174,8 +187,7 @@ def test_loss_decreases_on_toy_data(name):
   from mf_jax.data import toy2d  # pylint: disable=g-import-not-at-top
   u_fn, params = _mlp_u_fn()
   cfg = _config(name=name, class_dropout=0.0, adaptive_p=0.0)
-  loss_fn = functools.partial(objectives.get(name).loss, u_fn, config=cfg,
-                              num_classes=0)
+  loss_fn = _loss_fn(name, cfg, u_fn, num_classes=0)
   tx = optax.adam(3e-3)
   opt_state = tx.init(params)
 

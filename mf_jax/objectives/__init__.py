@@ -1,18 +1,29 @@
 """Training objectives, picked by `config.objective.name`.
 
-An objective is a module with a pure `loss(u_fn, params, batch, rng, config,
-num_classes) -> (loss, metrics)` and the name of the sampler that fits the
-quantity it trains (`SAMPLER`). Adding a method of the family (shortcut,
-consistency, CTM, alpha-Flow, ...) means adding a module here and one line
-to `OBJECTIVES`; the trainer never changes.
+An objective is a module with two pure functions and a sampler name:
+
+- `draw(rng, batch, config, num_classes, context) -> draws`: every random
+  quantity of the step (times, noise, dropped labels, dropout key), a dict
+  of arrays;
+- `loss(u_fn, params, batch, draws, config, num_classes, context)
+  -> (loss, metrics)`: deterministic given the draws, so tests feed the
+  draws of a reference implementation;
+- `SAMPLER`: the sampler that fits the quantity it trains.
+
+`context` (`common.Context`) carries what some methods need beyond the
+batch: the step (curricula) and the EMA parameters (consistency targets).
+Adding a method of the family means adding a module here and one line to
+`OBJECTIVES`; the trainer never changes.
 """
 
-import functools
 import types
 
+from mf_jax.objectives import common
 from mf_jax.objectives import flow_matching
 from mf_jax.objectives import meanflow
 from mf_jax.objectives import time_samplers
+
+Context = common.Context
 
 OBJECTIVES: dict[str, types.ModuleType] = {
     "flow_matching": flow_matching,
@@ -39,7 +50,13 @@ def validate(config) -> types.ModuleType:
 
 
 def make_loss_fn(config, u_fn):
-  """Binds the objective of `config` to the network: (params, batch, rng)."""
+  """The objective of `config` bound to the network:
+  (params, batch, rng, context) -> (loss, metrics)."""
   objective = get(config.objective.name)
-  return functools.partial(objective.loss, u_fn, config=config.objective,
-                           num_classes=config.model.num_classes)
+  settings, num_classes = config.objective, config.model.num_classes
+
+  def loss_fn(params, batch, rng, context):
+    draws = objective.draw(rng, batch, settings, num_classes, context)
+    return objective.loss(u_fn, params, batch, draws, settings, num_classes,
+                          context)
+  return loss_fn

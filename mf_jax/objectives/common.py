@@ -4,6 +4,7 @@
 backbone signature of DESIGN.md §2); objectives only ever call it.
 """
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -13,16 +14,22 @@ import jax.numpy as jnp
 _DROPOUT_STREAM = 0x0D0
 
 
-def model_extras(u_fn, batch, rng) -> dict:
+def dropout_rng(rng) -> jax.Array:
+  """The key of the network's dropout masks in a training step."""
+  return jax.random.fold_in(rng, _DROPOUT_STREAM)
+
+
+def model_extras(u_fn, batch, draws) -> dict:
   """Keyword arguments a training call of u_fn takes beyond its six.
 
   A backbone u_fn (`takes_rngs`, see training.state.make_u_fn) gets the
-  dropout rng; batches of augmented images add their 'augment_labels'.
-  Plain functions of (params, z, t, h, y, train) get nothing.
+  dropout key of `draws`; batches of augmented images add their
+  'augment_labels'. Plain functions of (params, z, t, h, y, train) get
+  nothing.
   """
   extras = {}
   if getattr(u_fn, "takes_rngs", False):
-    extras["rngs"] = {"dropout": jax.random.fold_in(rng, _DROPOUT_STREAM)}
+    extras["rngs"] = {"dropout": draws["dropout"]}
   if "augment_labels" in batch:
     extras["augment_labels"] = batch["augment_labels"]
   return extras
@@ -39,15 +46,16 @@ def interpolate(x, e, t):
   return (1 - t_x) * x + t_x * e, e - x
 
 
-def drop_labels(rng, y, num_classes: int, rate: float):
-  """Replaces labels by the null class `num_classes` with probability `rate`.
-
-  Returns the new labels and the boolean mask of dropped rows.
-  """
+def draw_dropped(rng, y, num_classes: int, rate: float) -> jax.Array:
+  """The rows whose label is replaced by the null class (probability rate)."""
   if num_classes == 0 or rate == 0:
-    return y, jnp.zeros(y.shape, bool)
-  dropped = jax.random.bernoulli(rng, rate, y.shape)
-  return jnp.where(dropped, num_classes, y), dropped
+    return jnp.zeros(y.shape, bool)
+  return jax.random.bernoulli(rng, rate, y.shape)
+
+
+def drop_labels(y, dropped, num_classes: int) -> jax.Array:
+  """y with the `dropped` rows set to the null class `num_classes`."""
+  return jnp.where(dropped, num_classes, y) if num_classes else y
 
 
 def per_sample_sq_error(a, b):
@@ -63,3 +71,15 @@ def adaptive_weighted_loss(sq_error_b, p: float, eps: float):
   """
   weight_b = jax.lax.stop_gradient(1.0 / (sq_error_b + eps) ** p)
   return jnp.mean(weight_b * sq_error_b), weight_b
+
+
+class Context(flax.struct.PyTreeNode):
+  """What a training step knows beyond (params, batch, rng).
+
+  Every objective receives it; most ignore it. Curricula read `step`,
+  consistency targets read an EMA copy from `ema_params` (keyed like the
+  train state's, e.g. '0.9999'). A frozen teacher, when a method has one,
+  is bound into the loss function when the experiment is built.
+  """
+  step: jax.Array
+  ema_params: dict = flax.struct.field(default_factory=dict)

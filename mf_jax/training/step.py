@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mf_jax import objectives
 from mf_jax import sharding
 from mf_jax.training.state import TrainState
 
@@ -26,7 +27,8 @@ def train_step(state: TrainState, batch, rng, *, loss_fn, tx, schedule):
   """
   rng = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, metrics), grads = grad_fn(state.params, batch, rng)
+  context = objectives.Context(step=state.step, ema_params=state.ema_params)
+  (loss, metrics), grads = grad_fn(state.params, batch, rng, context)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
