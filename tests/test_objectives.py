@@ -173,12 +173,16 @@ def test_guidance_matches_formula_and_is_one_batched_call():
 
 @pytest.mark.parametrize("name", ["flow_matching", "meanflow"])
 def test_unknown_settings_fail_early(name):
+  def config(**objective):
+    c = config_lib.base_config()
+    c.objective.update(**objective)
+    return c
   with pytest.raises(ValueError, match="objective.name"):
-    objectives.validate(_config(name="meanflw"))
+    objectives.validate(config(name="meanflw"))
   with pytest.raises(ValueError, match="time_sampler"):
-    objectives.validate(_config(name=name, time_sampler="beta"))
+    objectives.validate(config(name=name, time_sampler="beta"))
   with pytest.raises(ValueError, match="jvp_tangent"):
-    objectives.validate(_config(name="meanflow", jvp_tangent="v,1"))
+    objectives.validate(config(name="meanflow", jvp_tangent="v,1"))
 
 
 @pytest.mark.parametrize("name", ["flow_matching", "meanflow"])

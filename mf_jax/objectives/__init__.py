@@ -38,12 +38,23 @@ def get(name: str) -> types.ModuleType:
   return OBJECTIVES[name]
 
 
+def method_defaults() -> list[dict]:
+  """Each objective's `CONFIG`: its fields of `config.objective` with their
+  defaults (config_lib adds them to every config, so any objective can be
+  chosen and tuned from the command line)."""
+  return [m.CONFIG for m in OBJECTIVES.values() if hasattr(m, "CONFIG")]
+
+
 def validate(config) -> types.ModuleType:
-  """Checks `config.objective` before anything is compiled."""
-  objective = get(config.name)
-  if config.time_sampler not in time_samplers.TIME_SAMPLERS:
-    raise ValueError(f"Unknown objective.time_sampler {config.time_sampler!r}"
-                     f"; valid: {time_samplers.TIME_SAMPLERS}.")
+  """Checks the objective settings of a whole config before anything is
+  compiled (some methods check them against training and eval fields:
+  curricula against num_steps, step grids against eval.nfe)."""
+  settings = config.objective
+  objective = get(settings.name)
+  if settings.time_sampler not in time_samplers.TIME_SAMPLERS:
+    raise ValueError(f"Unknown objective.time_sampler "
+                     f"{settings.time_sampler!r}; valid: "
+                     f"{time_samplers.TIME_SAMPLERS}.")
   if hasattr(objective, "validate"):
     objective.validate(config)
   return objective

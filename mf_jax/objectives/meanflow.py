@@ -27,7 +27,7 @@ def parse_tangent(spec: str) -> tuple[float, float]:
 
 
 def validate(config):
-  parse_tangent(config.jvp_tangent)
+  parse_tangent(config.objective.jvp_tangent)
 
 
 def u_and_dudt(u_fn, params, z, r, t, y, v, tangent=(0.0, 1.0), **extras):

@@ -48,7 +48,7 @@ class Experiment:
     self.workdir = workdir
     # Cheap validation first: a bad name fails before any compilation.
     preflight.validate_config(config)
-    self.objective = objectives.validate(config.objective)
+    self.objective = objectives.validate(config)
     fid_eval.check_files(config)  # opens VAE/Inception/statistics files
     for schedule in (*config.eval.nfe, sample_schedule(config)):
       samplers.parse_schedule(schedule)
