@@ -7,6 +7,8 @@ changes, so the field names (the command-line interface) are defined once.
 
 import ml_collections
 
+from mf_jax import objectives
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses 'key=value,key2=value2' into a ConfigDict typed like `defaults`.
@@ -56,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
       guidance_t_start=0.0,
       guidance_t_end=1.0,
   ))
+  # The other methods' own knobs (shortcut_*, alpha_*, ...), declared with
+  # the paper's or official code's defaults by each objective's module.
+  for fields in objectives.method_defaults():
+    c.objective.update(fields)
 
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
@@ -94,13 +100,16 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ema_decay < 0: the first EMA. inception (pytorch-fid's weights) and
   # ref_stats (an npz of mu/sigma, or of images) add FID and Inception Score
-  # of eval.num_samples samples at each eval.nfe to image runs' evaluations.
+  # of eval.num_samples samples at each eval.nfe to image runs' evaluations;
+  # fid_protocol is how images reach the Inception network (adm, pytorch_fid,
+  # torchmetrics or torchmetrics_antialias: see evaluation/inception.py),
+  # labels how samples are labelled ('balanced' or 'random').
   # errors_fatal=False: a failing grid or evaluation is logged with its
   # traceback and training goes on (its checkpoint is already saved).
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=1000, nfe=(1, 2), num_samples=1000, batch_size=500,
       ema_decay=-1.0, labels="balanced", inception="", ref_stats="",
-      errors_fatal=False))
+      fid_protocol="pytorch_fid", errors_fatal=False))
 
   # timesteps: an explicit schedule for the grids, e.g. "1,0.6,0" (2 steps);
   # eval.nfe entries may be such strings too (samplers.parse_schedule).
@@ -141,7 +150,7 @@ def imagenet256_config(variant: str, omega: float, kappa: float,
                     log_every_steps=100)
   c.checkpoint.update(every_steps=steps, every_secs=3600.0, first_step=100)
   c.eval.update(every_steps=10 * steps, nfe=(1, 2), num_samples=50_000,
-                batch_size=256, labels="balanced")
+                batch_size=256, labels="balanced", fid_protocol="adm")
   c.sample.update(every_steps=steps, grid_size=8, nfe=1)
   return c
 
