@@ -19,6 +19,11 @@ which MeanFlow and its successors report):
   images `arr_0`; pytorch-fid's saved statistics use the same keys), or
   `ref_mu`/`ref_sigma` (the official MeanFlow JAX code's files). Paths may
   be URIs (gs://...): they are read from a local copy (`files.local_copy`).
+  Statistics written here also name the FID protocol their features were
+  computed with (`protocol`, see inception.PROTOCOLS): scoring samples of
+  one protocol against statistics of another fails instead of returning a
+  number that means nothing. Files without it (ADM's, pytorch-fid's) are
+  taken as they are.
 """
 
 import numpy as np
@@ -115,10 +120,28 @@ def has_stats(path: str) -> bool:
     return any(k in data.files for k in MU_KEYS)
 
 
-def check_stats(path: str, dim: int):
+def stats_protocol(path: str) -> str | None:
+  """The FID protocol a statistics file names, or None (e.g. ADM's)."""
+  with np.load(files.local_copy(path)) as data:
+    return str(data["protocol"]) if "protocol" in data.files else None
+
+
+def check_protocol(path: str, protocol: str):
+  """ValueError unless the statistics in `path` (if they say) were computed
+  with `protocol`."""
+  stored = stats_protocol(path)
+  if stored is not None and stored != protocol:
+    raise ValueError(
+        f"its statistics were computed with FID protocol {stored!r}, not "
+        f"{protocol!r}; recompute them with --fid_protocol={protocol} or "
+        f"score with eval.fid_protocol={stored!r}")
+
+
+def check_stats(path: str, dim: int, protocol: str | None = None):
   """Fails in seconds, with a ValueError saying what is wrong, unless
-  `path` holds `dim`-d statistics (mu, sigma) or uint8 images (arr_0) to
-  compute them from; reads the npz headers only."""
+  `path` holds `dim`-d statistics (mu, sigma) of `protocol` (when given
+  and recorded) or uint8 images (arr_0) to compute them from; reads the npz
+  headers (and the small `protocol` entry) only."""
   shapes = files.tensor_shapes(files.local_copy(path))
   mu = next((k for k in MU_KEYS if k in shapes), None)
   if mu is not None:
@@ -127,6 +150,8 @@ def check_stats(path: str, dim: int):
       raise ValueError(f"{mu} has shape {shapes[mu]} and {sigma} "
                        f"{shapes.get(sigma)}; FID's Inception needs ({dim},) "
                        f"and ({dim}, {dim})")
+    if protocol is not None:
+      check_protocol(path, protocol)
     return
   images = shapes.get("arr_0")
   if images is None or len(images) != 4 or images[-1] not in (1, 3):
@@ -136,7 +161,7 @@ def check_stats(path: str, dim: int):
 
 def save_stats(path: str, mu, sigma, **extra):
   """Writes `mu` and `sigma` (the keys ADM and pytorch-fid read) to npz,
-  local or remote."""
+  local or remote; `extra` arrays (e.g. num_images, protocol) beside them."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open("wb") as f:

@@ -1,13 +1,17 @@
 """FID-50K and Inception Score of a network, as papers report them.
 
 `score_params` takes a network's evaluation (EMA) parameters, draws
-`num_samples` class-balanced samples over all devices (label of sample i is
-i mod num_classes: exactly 50 per class for 50k ImageNet samples), decodes
-latents with the VAE when the model works in latent space, quantises to
-uint8 (what a saved sample batch holds, so scores match an exported npz),
-and feeds the FID Inception network batch by batch. Only pool3 statistics
-(float64 running sums) and the logits stay on the host; images are kept
-only while they are written to the optional ADM-style npz.
+`num_samples` samples over all devices with labels as `eval.labels` says
+('balanced': the label of sample i is i mod num_classes, exactly 50 per
+class for 50k ImageNet samples; 'random': uniform, as the official
+MeanFlow evaluator draws them), decodes latents with the VAE when the model
+works in latent space, quantises to uint8 (what a saved sample batch holds,
+so scores match an exported npz) and feeds the FID Inception network batch
+by batch, both as `eval.fid_protocol` says (inception.PROTOCOLS: 'adm' for
+ImageNet papers, 'torchmetrics' for py-meanflow's CIFAR-10, 'pytorch_fid').
+Only pool3 statistics (float64 running sums) and the logits stay on the
+host; images are kept only while they are written to the optional ADM-style
+npz.
 
 Everything runs on every process (the same jitted programs on global
 arrays); process 0 alone writes files. This module knows nothing of
@@ -48,6 +52,38 @@ def balanced_labels(start, batch: int, num_classes: int) -> jax.Array:
   return ((start + jnp.arange(batch)) % num_classes).astype(jnp.int32)
 
 
+def sample_labels(mode: str, rng, start, batch: int,
+                  num_classes: int) -> jax.Array:
+  """A batch's labels: 'balanced' (index mod num_classes) or 'random'
+  (uniform, from `rng`); zeros for unconditional models."""
+  if mode == "balanced" or num_classes == 0:
+    return balanced_labels(start, batch, num_classes)
+  if mode == "random":
+    return jax.random.randint(rng, (batch,), 0, num_classes, jnp.int32)
+  raise ValueError(f"Unknown label mode {mode!r}; valid: "
+                   f"{samplers.LABEL_MODES}.")
+
+
+def to_uint8(x, protocol: "str | inception.Protocol") -> jax.Array:
+  """Samples in [-1, 1] -> uint8 pixels, as the protocol's reference does.
+
+  'round': floor(127.5 x + 128) clipped (npz_export.to_uint8, the official
+  MeanFlow evaluator's conversion); 'floor': py-meanflow's
+  floor(255 clip(0.5 x + 0.5, 0, 1)), the same float32 operations in the
+  same order.
+  """
+  if inception.get_protocol(protocol).uint8 == "round":
+    return npz_export.to_uint8(x, xp=jnp)
+  x = jnp.clip(jnp.asarray(x, jnp.float32) * 0.5 + 0.5, 0.0, 1.0)
+  return jnp.floor(x * 255.0).astype(jnp.uint8)
+
+
+def fid_protocol(config) -> str:
+  """The config's FID protocol; runs saved before the field existed
+  measured pytorch-fid's."""
+  return config.eval.get("fid_protocol", "pytorch_fid")
+
+
 def is_latent(config) -> bool:
   return pipeline.dataset_kind(config.data.name) == "latents"
 
@@ -76,17 +112,20 @@ def check_files(config):
   for (field, path), kind in zip(named.items(), ("vae", "inception",
                                                   "ref_stats")):
     if path:
-      check_file(kind, path, field, channels)
+      check_file(kind, path, field, channels, fid_protocol(config))
 
 
 def check_file(kind: str, path: str, name: str,
-               latent_channels: int | None = None):
+               latent_channels: int | None = None,
+               protocol: str | None = None):
   """Checks that `path` is a `kind` file ('vae', 'inception' or
-  'ref_stats'); errors name it as `name` (a config field or a flag)."""
+  'ref_stats', of `protocol` when given); errors name it as `name` (a
+  config field or a flag)."""
   checks = {
       "vae": lambda: vae.check_weights(path, latent_channels),
       "inception": lambda: inception.check_weights(path),
-      "ref_stats": lambda: fid.check_stats(path, inception.FEATURE_DIM),
+      "ref_stats": lambda: fid.check_stats(path, inception.FEATURE_DIM,
+                                           protocol),
   }
   if not files.exists(path):
     raise FileNotFoundError(f"{name}={path!r} does not exist.")
@@ -105,28 +144,34 @@ _load_inception = functools.lru_cache(maxsize=1)(inception.load_inception)
 
 
 def make_image_fn(config, u_fn, mesh, input_shape, nfe: int, batch: int,
-                  decode=None):
-  """Jitted (params, vae_params, rng, start) -> (uint8 images, labels)."""
+                  decode=None, labels: str = "balanced",
+                  protocol: str = "pytorch_fid"):
+  """Jitted (params, vae_params, rng, start) -> (uint8 images, labels).
+
+  `rng` draws the noise; fold_in(rng, 1) draws 'random' labels.
+  """
   sampler = samplers.SAMPLERS[objectives.get(config.objective.name).SAMPLER]
   batch_sharding = sharding.batch_sharding(mesh)
+  label_mode = labels
 
   def image_fn(params, vae_params, rng, start):
     labels = jax.lax.with_sharding_constraint(
-        balanced_labels(start, batch, config.model.num_classes),
-        batch_sharding)
+        sample_labels(label_mode, jax.random.fold_in(rng, 1), start, batch,
+                      config.model.num_classes), batch_sharding)
     noise = jax.lax.with_sharding_constraint(
         jax.random.normal(rng, (batch, *input_shape)), batch_sharding)
     x = sampler(u_fn, params, noise, labels, samplers.timesteps(nfe))
     if decode is not None:
       x = jax.lax.with_sharding_constraint(decode(vae_params, x),
                                            batch_sharding)
-    return npz_export.to_uint8(x, xp=jnp), labels
+    return to_uint8(x, protocol), labels
 
   return jax.jit(image_fn)
 
 
 @functools.lru_cache(maxsize=4)
-def make_feature_fn(module, size: int = inception.INPUT_SIZE):
+def make_feature_fn(module, size: int = inception.INPUT_SIZE,
+                    protocol: str = "pytorch_fid"):
   """Jitted (inception_params, uint8 images) -> (pool3, logits).
 
   Cached, so that reference and sample batches of one shape (and repeated
@@ -134,7 +179,7 @@ def make_feature_fn(module, size: int = inception.INPUT_SIZE):
   """
   return jax.jit(
       lambda params, images: inception.features_and_logits(
-          module, params, images, size))
+          module, params, images, size, protocol))
 
 
 def _gather(x) -> np.ndarray:
@@ -176,15 +221,18 @@ def stats_from_batches(feature_fn, inception_params, batches, mesh,
 def reference_stats(source: str, inception_path: str, out_path: str,
                     batch_size: int = 200, tfds_data_dir: str = "",
                     mesh=None,
-                    inception_size: int = inception.INPUT_SIZE) -> dict:
-  """Statistics of reference images, written as an npz (mu, sigma).
+                    inception_size: int = inception.INPUT_SIZE,
+                    protocol: str = "pytorch_fid") -> dict:
+  """Statistics of reference images, written as an npz (mu, sigma and the
+  FID protocol they were computed with).
 
   `source` is an npz of uint8 images `arr_0` (e.g. ADM's reference batch;
   local or a URI) or `tfds:NAME`, the train split of a TFDS dataset
   prepared locally (`tfds:cifar10`: the 50,000 training images CIFAR-10
-  FID is measured against). The same Inception, resize and float64
-  statistics as samples. `out_path` may be a URI.
+  FID is measured against). The same Inception, protocol (resize and
+  scaling) and float64 statistics as samples. `out_path` may be a URI.
   """
+  protocol = inception.get_protocol(protocol).name
   mesh = mesh or sharding.make_mesh(
       ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
   batch_size = _round_up(batch_size, mesh.size)
@@ -202,14 +250,14 @@ def reference_stats(source: str, inception_path: str, out_path: str,
     batches = npz_export.iterate_npz(local, batch_size)
   module, params = _load_inception(inception_path)
   params = jax.device_put(params, sharding.replicated(mesh))
-  stats, _ = stats_from_batches(make_feature_fn(module, inception_size),
-                                params, batches, mesh, batch_size,
-                                total=total)
+  stats, _ = stats_from_batches(
+      make_feature_fn(module, inception_size, protocol), params, batches,
+      mesh, batch_size, total=total)
   if jax.process_index() == 0:
     fid.save_stats(out_path, stats.mean, stats.cov,
-                   num_images=np.int64(stats.count))
+                   num_images=np.int64(stats.count), protocol=protocol)
   return {"ref_stats": out_path, "num_images": stats.count,
-          "images": source}
+          "images": source, "fid_protocol": protocol}
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -227,9 +275,15 @@ def _file_digest(path: str | None) -> str | None:
   return digest.hexdigest()[:16]
 
 
-def _reference(ref_stats_path, feature_fn, inception_params, mesh, batch):
-  """(mu, sigma): stored statistics, else those of the file's images."""
+def _reference(ref_stats_path, feature_fn, inception_params, mesh, batch,
+               protocol: str):
+  """(mu, sigma): stored statistics (of `protocol`, where they say), else
+  those of the file's images."""
   if fid.has_stats(ref_stats_path):
+    try:
+      fid.check_protocol(ref_stats_path, protocol)
+    except ValueError as e:
+      raise ValueError(f"{ref_stats_path}: {e}.") from None
     return fid.load_stats(ref_stats_path)
   logging.info("%s holds no mu/sigma: computing them from its images.",
                ref_stats_path)
@@ -252,16 +306,29 @@ def score_params(config, u_fn, mesh, input_shape, params, step: int, *,
                  vae_path: str | None = None, npz_out: str | None = None,
                  batch_size: int | None = None, seed: int = 0,
                  num_splits: int = 10, stats_out: str | None = None,
-                 inception_size: int = inception.INPUT_SIZE) -> dict:
+                 inception_size: int = inception.INPUT_SIZE,
+                 protocol: str | None = None,
+                 labels: str | None = None) -> dict:
   """FID and IS of `num_samples` samples of `params` at `nfe` steps.
 
   `u_fn(params, z, t, h, y)` is the network, `input_shape` one example's
-  shape. Writes and returns WORKDIR/eval/fid_<step>_nfe<nfe>.json.
+  shape. `protocol` and `labels` default to the config's
+  eval.fid_protocol and eval.labels. Writes and returns
+  WORKDIR/eval/fid_<step>_nfe<nfe>.json.
   `npz_out` optionally exports the samples (ADM layout), `stats_out` their
   (mu, sigma), to compare runs later without sampling again.
   `inception_size` is 299 for real FID; tests shrink it to run fast.
   """
   check_vae(config, vae_path)
+  protocol = inception.get_protocol(protocol or fid_protocol(config))
+  labels = labels or config.eval.get("labels", "balanced")
+  if labels not in samplers.LABEL_MODES:
+    raise ValueError(f"Unknown label mode {labels!r}; valid: "
+                     f"{samplers.LABEL_MODES}.")
+  if num_samples != protocol.num_samples:
+    logging.warning("FID of %d samples: protocol %r publishes FID of %d, "
+                    "which this is not comparable to.", num_samples,
+                    protocol.name, protocol.num_samples)
   batch = batch_size or config.eval.batch_size
   sharding.check_batch_size(batch, mesh, "FID batch size")
   replicated = sharding.replicated(mesh)
@@ -271,26 +338,32 @@ def score_params(config, u_fn, mesh, input_shape, params, step: int, *,
     vae_params = jax.device_put(vae_params, replicated)
   module, inception_params = _load_inception(inception_path)
   inception_params = jax.device_put(inception_params, replicated)
-  feature_fn = make_feature_fn(module, inception_size)
+  feature_fn = make_feature_fn(module, inception_size, protocol.name)
   ref_mu, ref_sigma = _reference(ref_stats_path, feature_fn, inception_params,
-                                 mesh, batch)
+                                 mesh, batch, protocol.name)
 
   image_fn = make_image_fn(config, u_fn, mesh, input_shape, nfe, batch,
-                           decode)
+                           decode, labels, protocol.name)
   batches = _sample_batches(image_fn, params, vae_params, num_samples, batch,
                             seed, desc=f"FID nfe={nfe}")
   stats, logits = _score_batches(batches, feature_fn, inception_params,
                                  num_samples, npz_out)
   if stats_out and jax.process_index() == 0:
     fid.save_stats(stats_out, stats.mean, stats.cov,
-                   num_images=np.int64(stats.count))
+                   num_images=np.int64(stats.count), protocol=protocol.name)
   is_mean, is_std = fid.inception_score(logits, num_splits)
+  num_classes = config.model.num_classes
   record = {
       "step": int(step), "nfe": nfe, "num_samples": stats.count,
       "fid": fid.frechet_distance(stats.mean, stats.cov, ref_mu, ref_sigma),
       "inception_score": is_mean, "inception_score_std": is_std,
-      "is_splits": num_splits, "labels": "balanced (i mod num_classes)",
-      "seed": seed, "uint8": "floor(127.5 x + 128)",
+      "is_splits": num_splits, "fid_protocol": protocol.name,
+      "resize": protocol.resize, "input_scaling":
+          f"(x - {protocol.center:g}) / {protocol.center:g}",
+      "labels": labels if num_classes else "none (unconditional)",
+      "num_classes": num_classes, "seed": seed,
+      "uint8": ("floor(127.5 x + 128)" if protocol.uint8 == "round"
+                else "floor(255 clip(0.5 x + 0.5, 0, 1))"),
       "inception": files.absolute(inception_path),
       "inception_sha256": _file_digest(inception_path),
       "inception_size": inception_size,
@@ -313,8 +386,9 @@ def _sample_batches(image_fn, params, vae_params, num_samples, batch, seed,
                     desc):
   """Yields (uint8 images, labels, count) on the devices, batch by batch.
 
-  Batch i uses noise key fold_in(key(seed), i) and the labels of samples
-  i * batch ...; the last batch is full size, of which `count` are kept.
+  Batch i uses the key fold_in(key(seed), i) (its noise; fold_in of it by
+  1 draws random labels) and balanced labels of samples i * batch ...; the
+  last batch is full size, of which `count` are kept.
   """
   rng = jax.random.key(seed)
   for i in tqdm(range(math.ceil(num_samples / batch)), desc=desc,

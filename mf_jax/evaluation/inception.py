@@ -14,9 +14,36 @@ Score). The logits are `pool3 @ W` without the bias by default: the logits
 that OpenAI's improved-GAN IS code, ADM's evaluator (`softmax/logits/MatMul`)
 and torch-fidelity's `logits_unbiased` feed their softmax.
 
-Weights come from a file the user names (local, or a gs:// URI copied to
-a local cache once), never a download:
-pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (read with torch when it
+One network serves every published protocol (`PROTOCOLS`); they differ only
+before it, in how uint8 pixels become its 299x299 input (and, for samples,
+in how floats became uint8 pixels):
+
+- `adm`: ADM's evaluator (openai/guided-diffusion evaluations/evaluator.py)
+  feeds pixels as floats in [0, 255] to the TF graph, whose first ops are a
+  TF 1.x `ResizeBilinear` to 299 (align_corners=False: source coordinate
+  dst * in / out, no half-pixel offset, the last row/column repeated) and
+  then (x - 128) / 128. The official MeanFlow JAX evaluator resizes with
+  the StyleGAN2-ADA TorchScript Inception's affine_grid/grid_sample (theta
+  shifted by 1/in - 1/out, border padding), which lands on the same source
+  coordinates, then (x - 128) / 128.
+- `pytorch_fid`: pytorch-fid's InceptionV3(resize_input, normalize_input):
+  pixels / 255, `F.interpolate(bilinear, align_corners=False)` (half-pixel
+  centres, no antialiasing), then 2x - 1, i.e. (x - 127.5) / 127.5.
+- `torchmetrics`: torchmetrics' FrechetInceptionDistance up to 1.7 (and
+  torch-fidelity itself): torch-fidelity's
+  `interpolate_bilinear_2d_like_tensorflow1x` (the TF 1.x resize above)
+  and (x - 128) / 128, i.e. the `adm` input.
+- `torchmetrics_antialias`: torchmetrics >= 1.8, whose default
+  `antialias=True` resizes with `F.interpolate(bilinear,
+  align_corners=False, antialias=True)` instead (on upsampling, e.g.
+  CIFAR-10's 32 -> 299, the same as pytorch-fid's resize).
+
+The weights are one file for all: pytorch-fid's
+`pt_inception-2015-12-05-6726825d.pth` and torch-fidelity's (torchmetrics')
+`weights-inception-2015-12-05-6726825d.pth` are both the TF graph's
+weights in torchvision's layout, and carry the same sha256 prefix, which
+torch.hub checks. The user names the file (local, or a gs:// URI copied to
+a local cache once), never a download: either .pth (read with torch when it
 is installed), or its conversion by `convert_weights` to `.npz` or
 `.safetensors`, which needs no torch at evaluation time.
 
@@ -24,6 +51,7 @@ Everything is NHWC. BatchNorm runs in inference form from stored statistics
 kept in the 'params' collection: the network is never trained here.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -218,36 +246,113 @@ class FIDInceptionV3(nn.Module):
     return pool3, logits
 
 
-def preprocess(images, size: int = INPUT_SIZE) -> jax.Array:
-  """uint8 [0, 255] or float [-1, 1] NHWC -> float [-1, 1] at size x size.
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """How a published FID implementation feeds the Inception network.
 
-  pytorch-fid maps [0, 1] input through F.interpolate(bilinear,
-  align_corners=False, no antialiasing) to 299 and then 2x - 1. Both steps
-  are affine per pixel, so mapping to [-1, 1] first gives the same result.
-  `jax.image.resize` uses the same half-pixel sample positions; its
-  antialiasing (on by default) only changes downsampling, and is switched
-  off so that inputs larger than 299 are resized as in pytorch-fid too.
-  Grayscale (C = 1) is repeated to three channels.
+  resize: 'tf1' (TF 1.x ResizeBilinear, align_corners=False), 'half_pixel'
+    (torch bilinear, align_corners=False) or 'antialias' (the same with
+    torch's antialias=True).
+  center: the network sees (pixel - center) / center.
+  uint8: how float samples x in [-1, 1] become pixels: 'round' is
+    floor(127.5 x + 128) (the official MeanFlow evaluator's clip(127.5 x +
+    128) cast), 'floor' is floor(255 clip(x / 2 + 1/2, 0, 1)) (py-meanflow's
+    eval loop, whose floats torchmetrics' normalize=True turns back into
+    the same bytes with `(x * 255).byte()`).
+  num_samples: the sample count its published numbers use.
   """
+  name: str
+  resize: str
+  center: float
+  uint8: str
+  num_samples: int = 50_000
+
+
+PROTOCOLS = {p.name: p for p in (
+    Protocol("adm", "tf1", 128.0, "round"),
+    Protocol("pytorch_fid", "half_pixel", 127.5, "round"),
+    Protocol("torchmetrics", "tf1", 128.0, "floor"),
+    Protocol("torchmetrics_antialias", "antialias", 128.0, "floor"),
+)}
+
+
+def get_protocol(protocol: "str | Protocol") -> Protocol:
+  if isinstance(protocol, Protocol):
+    return protocol
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"Unknown FID protocol {protocol!r}; valid: "
+                     f"{tuple(PROTOCOLS)}.")
+  return PROTOCOLS[protocol]
+
+
+def _tf1_resize_axis(x, axis: int, out: int):
+  """TF 1.x bilinear resize (align_corners=False) along one axis.
+
+  Output index j samples the input at j * (in / out) with the scale and
+  the product rounded to x's float type, as TF's kernel (and torch-
+  fidelity's bit-exact replica) computes them: the grid starts at the
+  first pixel's corner, not its centre, and the last pixel is repeated.
+  """
+  size = x.shape[axis]
+  dtype = np.dtype(x.dtype)
+  scale = np.float64(np.float32(size / out))
+  source = (np.arange(out) * scale).astype(dtype)  # exact product, rounded
+  low = np.floor(source).astype(np.int32)
+  high = np.minimum(low + 1, size - 1)
+  shape = [1] * x.ndim
+  shape[axis] = out
+  frac = jnp.asarray((source - low).reshape(shape), x.dtype)
+  a = jnp.take(x, low, axis=axis)
+  b = jnp.take(x, high, axis=axis)
+  return a + (b - a) * frac
+
+
+def _resize(x, size: int, kind: str):
+  if kind == "tf1":  # width first, then height, as TF's kernel
+    return _tf1_resize_axis(_tf1_resize_axis(x, 2, size), 1, size)
+  # jax.image.resize samples at half-pixel centres as torch's
+  # align_corners=False does; its antialiasing (a triangle filter widened
+  # by the downscale factor, weights renormalised at the borders) is
+  # torch's antialias=True, and off gives plain bilinear downsampling too.
+  return jax.image.resize(x, (x.shape[0], size, size, x.shape[3]),
+                          "bilinear", antialias=kind == "antialias")
+
+
+def preprocess(images, protocol: "str | Protocol" = "pytorch_fid",
+               size: int = INPUT_SIZE) -> jax.Array:
+  """uint8 NHWC pixels (or floats in [0, 255]) -> the network's input.
+
+  Follows the protocol's reference step by step, in its order (the steps
+  are affine per pixel, so only rounding would differ otherwise):
+  pytorch-fid scales to [0, 1], resizes, then maps to 2x - 1; torch-
+  fidelity, torchmetrics and the TF graph resize the [0, 255] values and
+  then compute (x - 128) / 128. Grayscale (C = 1) is repeated to three
+  channels. Floats keep their type (float64 under x64, for exact tests).
+  """
+  protocol = get_protocol(protocol)
   images = jnp.asarray(images)
-  if images.dtype == jnp.uint8:
-    x = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-  else:  # float32, or float64 (under x64) for exact comparisons
-    x = images.astype(jnp.promote_types(images.dtype, jnp.float32))
+  dtype = (jnp.promote_types(images.dtype, jnp.float32)
+           if jnp.issubdtype(images.dtype, jnp.floating) else jnp.float32)
+  x = images.astype(dtype)
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)
-  if x.shape[1:3] != (size, size):
-    x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bilinear",
-                         antialias=False)
-  return x
+  resize = x.shape[1:3] != (size, size)
+  if protocol.resize == "half_pixel":  # pytorch-fid
+    x = x / 255.0
+    x = _resize(x, size, protocol.resize) if resize else x
+    return 2.0 * x - 1.0
+  x = _resize(x, size, protocol.resize) if resize else x
+  return (x - protocol.center) / protocol.center
 
 
-def features_and_logits(module, params, images, size: int = INPUT_SIZE):
-  """(pool3 (N, 2048), logits (N, 1008)) of uint8 or [-1, 1] NHWC images.
+def features_and_logits(module, params, images, size: int = INPUT_SIZE,
+                        protocol: "str | Protocol" = "pytorch_fid"):
+  """(pool3 (N, 2048), logits (N, 1008)) of uint8 NHWC images, fed to the
+  network as `protocol` feeds it.
 
   `size` is 299 for FID; smaller sizes (>= 75) only serve fast tests.
   """
-  return module.apply({"params": params}, preprocess(images, size))
+  return module.apply({"params": params}, preprocess(images, protocol, size))
 
 
 # ------------------------------------------------------------------- weights

@@ -4,11 +4,18 @@ downloaded (local files or gs:// URIs).
   python -m mf_jax.tools.fid --config=configs/imagenet256_b4.py --workdir=DIR \
       --inception=pt_inception-2015-12-05-6726825d.pth \
       --ref_stats=VIRTUAL_imagenet256_labeled.npz --vae=VAE_WEIGHTS \
-      [--step=N] [--nfe=1] [--num_samples=50000] [--npz_out=samples.npz]
+      [--step=N] [--nfe=1] [--num_samples=50000] [--npz_out=samples.npz] \
+      [--fid_protocol=adm] [--labels=random]
 
-Writes DIR/eval/fid_<step>_nfe<N>.json (FID, IS, and which Inception, reference
-statistics, VAE and sample count produced them) and prints it. --inception
-takes pytorch-fid's .pth (needs torch) or its .npz/.safetensors conversion:
+Writes DIR/eval/fid_<step>_nfe<N>.json (FID, IS, and which protocol,
+Inception, reference statistics, VAE, labels and sample count produced them)
+and prints it. --fid_protocol (default: the config's eval.fid_protocol) is
+how images reach the network: adm (ADM's evaluator and the official MeanFlow
+JAX evaluator: TF 1.x resize, (x - 128) / 128), pytorch_fid, torchmetrics
+(py-meanflow's CIFAR-10 FID) or torchmetrics_antialias (torchmetrics >= 1.8);
+see mf_jax/evaluation/inception.py. --inception takes pytorch-fid's .pth or
+torch-fidelity's (the same weights; needs torch) or its .npz/.safetensors
+conversion:
 
   python -c "from mf_jax.evaluation import inception; \
       inception.convert_weights('pt_inception-2015-12-05-6726825d.pth', \
@@ -22,13 +29,16 @@ of a TFDS dataset prepared locally (CIFAR-10 FID uses its 50,000 training
 images):
 
   python -m mf_jax.tools.fid --compute_ref_from=IMAGES.npz \
-      --inception=inception_fid.npz --ref_stats=OUT_STATS.npz
+      --inception=inception_fid.npz --ref_stats=OUT_STATS.npz --fid_protocol=adm
   python -m mf_jax.tools.fid --compute_ref_from=tfds:cifar10 \
       --tfds_data_dir=DIR --inception=inception_fid.npz \
-      --ref_stats=cifar10_train_stats.npz
+      --ref_stats=cifar10_train_stats.npz --config=configs/cifar10_unet.py
 
-Flags left out fall back to the config: --inception and --ref_stats to
-eval.inception and eval.ref_stats, --vae to data.vae.
+The statistics file records its protocol (--fid_protocol, else the
+--config's eval.fid_protocol, else pytorch_fid), and scoring with another
+protocol against it fails. Flags left out fall back to the config:
+--inception and --ref_stats to eval.inception and eval.ref_stats, --vae to
+data.vae, --fid_protocol and --labels to eval.fid_protocol and eval.labels.
 """
 
 import json
@@ -39,7 +49,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from mf_jax import distributed
+from mf_jax import samplers
 from mf_jax.evaluation import fid_eval
+from mf_jax.evaluation import inception
 from mf_jax.training import trainer
 
 
@@ -61,7 +73,7 @@ def evaluate_fid(config, workdir: str, *, step: int | None = None,
     exp.checkpointer.close()
 
 
-def _check_flag_files(config, **paths):
+def _check_flag_files(config, protocol=None, **paths):
   """The files named by flags (which override the config's), checked as
   the trainer checks the config's: one-line errors before any work."""
   channels = None
@@ -69,7 +81,17 @@ def _check_flag_files(config, **paths):
     channels = config.model.in_channels
   for kind, path in paths.items():
     if path:
-      fid_eval.check_file(kind, path, f"--{kind}", channels)
+      fid_eval.check_file(kind, path, f"--{kind}", channels, protocol)
+
+
+def _protocol(config, flag_values) -> str:
+  """--fid_protocol, else the config's, else pytorch-fid's; checked."""
+  name = flag_values.fid_protocol or (
+      fid_eval.fid_protocol(config) if config is not None else "pytorch_fid")
+  if name not in inception.PROTOCOLS:
+    raise app.UsageError(f"--fid_protocol={name!r}: must be one of "
+                         f"{tuple(inception.PROTOCOLS)}.")
+  return name
 
 
 def run(config, flag_values) -> dict:
@@ -82,7 +104,8 @@ def run(config, flag_values) -> dict:
     _check_flag_files(None, inception=f.inception)
     return fid_eval.reference_stats(
         f.compute_ref_from, f.inception, f.ref_stats,
-        batch_size=f.batch_size or 200, tfds_data_dir=f.tfds_data_dir)
+        batch_size=f.batch_size or 200, tfds_data_dir=f.tfds_data_dir,
+        protocol=_protocol(config, f))
   if config is None or not f.workdir:
     raise app.UsageError("--config and --workdir are required (or use "
                          "--compute_ref_from).")
@@ -94,14 +117,19 @@ def run(config, flag_values) -> dict:
     raise app.UsageError("Name the Inception weights and reference "
                          "statistics: --inception and --ref_stats.")
   vae_path = f.vae or config.data.vae or None
-  _check_flag_files(config, inception=inception_path, ref_stats=ref_stats,
-                    vae=vae_path)
+  protocol = _protocol(config, f)
+  labels = f.labels or config.eval.labels
+  if labels not in samplers.LABEL_MODES:
+    raise app.UsageError(f"--labels={labels!r}: must be one of "
+                         f"{samplers.LABEL_MODES}.")
+  _check_flag_files(config, protocol, inception=inception_path,
+                    ref_stats=ref_stats, vae=vae_path)
   return evaluate_fid(
       config, f.workdir, inception_path=inception_path,
       ref_stats_path=ref_stats, step=f.step, num_samples=f.num_samples,
       nfe=f.nfe, vae_path=vae_path,
       npz_out=f.npz_out, batch_size=f.batch_size, seed=f.seed,
-      stats_out=f.stats_out)
+      stats_out=f.stats_out, protocol=protocol, labels=labels)
 
 
 def main(argv):
@@ -139,4 +167,9 @@ if __name__ == "__main__":
                       "(its train split): write their statistics to "
                       "--ref_stats and exit.")
   flags.DEFINE_string("tfds_data_dir", "", "TFDS data dir for tfds:NAME.")
+  flags.DEFINE_enum("fid_protocol", None, list(inception.PROTOCOLS),
+                    "How images reach the Inception network (default: "
+                    "config.eval.fid_protocol, else pytorch_fid).")
+  flags.DEFINE_enum("labels", None, list(samplers.LABEL_MODES),
+                    "Sample labels (default: config.eval.labels).")
   app.run(main)
