@@ -64,6 +64,6 @@ def get_config(arg=None):
   c.checkpoint.every_steps = 50 * STEPS_PER_EPOCH
   c.eval.update(every_steps=500 * STEPS_PER_EPOCH, nfe=(1, 2),
                 num_samples=50_000, batch_size=1024, ema_decay=0.99995,
-                labels="random")
+                labels="random", fid_protocol="torchmetrics")
   c.sample.update(every_steps=50 * STEPS_PER_EPOCH, grid_size=10, nfe=1)
   return c

@@ -17,6 +17,8 @@ import os
 import jax
 from etils import epath
 
+from mf_jax import samplers
+from mf_jax.evaluation import inception
 from mf_jax.training import state as state_lib
 
 ON_NONFINITE = ("stop", "skip")
@@ -47,6 +49,10 @@ _RANGES = (
      and all(_decay(d) for d in value)),
     ("eval.every_steps", ">= 0 (0: off)", _at_least(0)),
     ("eval.batch_size", ">= 1", _at_least(1)),
+    ("eval.labels", f"one of {samplers.LABEL_MODES}",
+     lambda value: value in samplers.LABEL_MODES),
+    ("eval.fid_protocol", f"one of {tuple(inception.PROTOCOLS)}",
+     lambda value: value in inception.PROTOCOLS),
     ("sample.every_steps", ">= 0 (0: off)", _at_least(0)),
     ("sample.grid_size", ">= 1", _at_least(1)),
     ("checkpoint.max_to_keep", ">= 1", _at_least(1)),
