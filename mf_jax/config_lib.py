@@ -8,6 +8,7 @@ changes, so the field names (the command-line interface) are defined once.
 import ml_collections
 
 from mf_jax import objectives
+from mf_jax import samplers
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -106,10 +107,14 @@ def base_config() -> ml_collections.ConfigDict:
   # labels how samples are labelled ('balanced' or 'random').
   # errors_fatal=False: a failing grid or evaluation is logged with its
   # traceback and training goes on (its checkpoint is already saved).
+  # nfe entries: step counts and explicit times run the objective's sampler;
+  # 'eulerN', 'heunN' and 'ode' integrate the instantaneous velocity (h = 0),
+  # 'ode' adaptively (Dopri5) to ode_rtol/ode_atol, adding 'ode/nfe_used'.
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=1000, nfe=(1, 2), num_samples=1000, batch_size=500,
       ema_decay=-1.0, labels="balanced", inception="", ref_stats="",
-      fid_protocol="pytorch_fid", errors_fatal=False))
+      fid_protocol="pytorch_fid", errors_fatal=False,
+      ode_rtol=samplers.ODE_RTOL, ode_atol=samplers.ODE_ATOL))
 
   # timesteps: an explicit schedule for the grids, e.g. "1,0.6,0" (2 steps);
   # eval.nfe entries may be such strings too (samplers.parse_schedule).

@@ -4,7 +4,11 @@ The evaluator only sees a sampler (the one the objective names) and the
 parameters; it draws samples over all devices and scores them against data:
 energy distance for 2-D targets, a Fréchet distance in the feature space of
 the project's digits classifier (and that classifier's agreement with the
-conditioning labels) for the 8x8 digits.
+conditioning labels) for the 8x8 digits. Schedules that name a solver
+('heun8', 'euler16', 'ode': samplers.Solver) integrate the instantaneous
+velocity of any objective's network; the adaptive 'ode' also records the
+mean NFE it took as 'ode/nfe_used' (a key of its own, so the score keys
+stay the same from one evaluation to the next).
 """
 
 import functools
@@ -28,38 +32,74 @@ class Evaluator:
   def __init__(self, config, u_fn, mesh, input_shape):
     self.config = config
     self.kind = pipeline.dataset_kind(config.data.name)
-    sampler = samplers.SAMPLERS[objectives.get(config.objective.name).SAMPLER]
+    self.sampler = objectives.get(config.objective.name).SAMPLER
     self.mesh = mesh
     self.input_shape = input_shape
     sharding.check_batch_size(config.eval.batch_size, mesh,
                               "eval.batch_size")
-    self._sample = jax.jit(
-        functools.partial(self._sample_batch, sampler, u_fn),
-        static_argnums=(3,))
+    self._check_ode_settings()
+    self._sample = jax.jit(functools.partial(self._sample_batch, u_fn),
+                           static_argnums=(3,))
     self._classifier = None
 
-  def _sample_batch(self, sampler, u_fn, params, rng, labels, schedule):
+  def _check_ode_settings(self):
+    """Tolerances, and schedules FID cannot take yet: one line each, before
+    anything compiles."""
+    c = self.config.eval
+    for name in ("ode_rtol", "ode_atol"):
+      value = c.get(name, 1.0)
+      if isinstance(value, bool) or not (isinstance(value, (int, float))
+                                         and value > 0):
+        raise ValueError(f"eval.{name}={value!r} must be a number > 0.")
+    solvers = [spec for spec in c.nfe if isinstance(
+        samplers.parse_schedule(spec), samplers.Solver)]
+    if c.get("inception") and solvers:
+      raise ValueError(f"eval.nfe entries {solvers} name a solver, which "
+                       "FID evaluation (eval.inception) does not take yet; "
+                       "use step counts or explicit times.")
+
+  def _sample_batch(self, u_fn, params, rng, labels, schedule):
     shape = (labels.shape[0], *self.input_shape)
     noise = jax.random.normal(rng, shape)
     noise = jax.lax.with_sharding_constraint(
         noise, sharding.batch_sharding(self.mesh))
-    return sampler(u_fn, params, noise, labels, samplers.timesteps(schedule))
+    c = self.config.eval
+    return samplers.sample(
+        u_fn, params, noise, labels, schedule, self.sampler,
+        rtol=c.get("ode_rtol", samplers.ODE_RTOL),
+        atol=c.get("ode_atol", samplers.ODE_ATOL))
 
   def generate(self, params, rng, num: int, nfe: int | str, label_mode: str):
     """`num` samples and their labels as numpy, in batches of eval size;
-    `nfe` is a step count or an explicit schedule (samplers.parse_schedule)."""
+    `nfe` is a schedule as samplers.parse_schedule takes it."""
+    samples, labels, _ = self.generate_with_nfe(params, rng, num, nfe,
+                                                label_mode)
+    return samples, labels
+
+  def generate_with_nfe(self, params, rng, num: int, nfe: int | str,
+                        label_mode: str):
+    """`generate`, plus the mean NFE over its batches (the adaptive solver
+    takes as many as each batch needs)."""
     batch = self.config.eval.batch_size
     num_classes = self.config.model.num_classes
     rng_labels, rng_noise = jax.random.split(rng)
     labels = np.asarray(samplers.make_labels(rng_labels, num, num_classes,
                                              label_mode))
-    chunks = []
+    chunks, nfes = [], []
     for i, start in enumerate(range(0, num, batch)):
       chunk = np.resize(labels[start:start + batch], batch)
-      out = self._sample(params, jax.random.fold_in(rng_noise, i),
-                         jnp.asarray(chunk), nfe)
+      out, stats = self._sample(params, jax.random.fold_in(rng_noise, i),
+                                jnp.asarray(chunk), nfe)
+      if not bool(stats["finished"]):
+        raise RuntimeError(
+            f"The adaptive ODE solve ({samplers.schedule_name(nfe)}) took "
+            f"more than {samplers.ODE_MAX_STEPS} steps without reaching "
+            "t = 0: the velocity field is too stiff for eval.ode_rtol="
+            f"{self.config.eval.get('ode_rtol')}; raise it (and "
+            "eval.ode_atol).")
       chunks.append(multihost_utils.process_allgather(out, tiled=True))
-    return np.concatenate(chunks)[:num], labels
+      nfes.append(int(stats["nfe"]))
+    return np.concatenate(chunks)[:num], labels, float(np.mean(nfes))
 
   @property
   def scores_samples(self) -> bool:
@@ -69,16 +109,20 @@ class Evaluator:
 
   def __call__(self, params, rng) -> dict[str, float]:
     """Scores at every schedule of `eval.nfe`; keys like
-    'nfe1/energy_distance' or 'nfe2[1,0.6,0]/energy_distance'."""
+    'nfe1/energy_distance', 'nfe2[1,0.6,0]/energy_distance',
+    'heun8/energy_distance', 'ode/energy_distance' and 'ode/nfe_used'."""
     results = {}
     if not self.scores_samples:  # sampling for nothing costs a whole pass
       return results
     for i, nfe in enumerate(self.config.eval.nfe):
-      samples, labels = self.generate(params, jax.random.fold_in(rng, i + 1),
-                                      self.config.eval.num_samples, nfe,
-                                      self.config.eval.labels)
+      samples, labels, nfe_used = self.generate_with_nfe(
+          params, jax.random.fold_in(rng, i + 1),
+          self.config.eval.num_samples, nfe, self.config.eval.labels)
+      prefix = samplers.schedule_name(nfe)
       for name, value in self.score(samples, labels).items():
-        results[f"{samplers.schedule_name(nfe)}/{name}"] = value
+        results[f"{prefix}/{name}"] = value
+      if samplers.fixed_nfe(nfe) is None:
+        results[f"{prefix}/nfe_used"] = nfe_used
     return results
 
   def score(self, samples, labels) -> dict[str, float]:
