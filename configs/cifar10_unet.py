@@ -21,11 +21,14 @@ which evaluation uses here.
 Data and evaluation: CIFAR-10 is read from TFDS (`tfds build cifar10
 --data_dir=DIR --file_format=array_record` once). FID-50K follows the
 official protocol, 50,000 1-NFE samples against the statistics of the
-50,000 training images, computed once with pytorch-fid's Inception weights
-(a local file):
+50,000 training images, computed once with the Inception weights (a local
+file: pytorch-fid's or torch-fidelity's) and py-meanflow's protocol
+(eval.fid_protocol='torchmetrics': torchmetrics' FID as py-meanflow calls
+it):
 
   python -m mf_jax.tools.fid --compute_ref_from=tfds:cifar10 --tfds_data_dir=DIR \
-      --inception=INCEPTION --ref_stats=cifar10_train_stats.npz
+      --inception=INCEPTION --ref_stats=cifar10_train_stats.npz \
+      --fid_protocol=torchmetrics
   python -m mf_jax.main --config=configs/cifar10_unet.py --workdir=RUN \
       --config.data.tfds_data_dir=DIR --config.eval.inception=INCEPTION \
       --config.eval.ref_stats=cifar10_train_stats.npz
