@@ -11,13 +11,20 @@ An objective is a module with two pure functions and a sampler name:
 - `SAMPLER`: the sampler that fits the quantity it trains.
 
 `context` (`common.Context`) carries what some methods need beyond the
-batch: the step (curricula) and the EMA parameters (consistency targets).
+batch: the step (curricula), the EMA parameters and the objective's own
+target parameters (consistency targets). An objective that keeps target
+parameters defines `target_decay(step, settings, num_steps) -> mu`: the
+train state then holds `target_params`, updated after every step as
+mu * target + (1 - mu) * params.
 Adding a method of the family means adding a module here and one line to
 `OBJECTIVES`; the trainer never changes.
 """
 
 import types
 
+import jax
+
+from mf_jax.objectives import alpha_flow
 from mf_jax.objectives import common
 from mf_jax.objectives import flow_matching
 from mf_jax.objectives import meanflow
@@ -26,6 +33,7 @@ from mf_jax.objectives import time_samplers
 Context = common.Context
 
 OBJECTIVES: dict[str, types.ModuleType] = {
+    "alpha_flow": alpha_flow,
     "flow_matching": flow_matching,
     "meanflow": meanflow,
 }
@@ -60,6 +68,25 @@ def validate(config) -> types.ModuleType:
   return objective
 
 
+def has_target(config) -> bool:
+  """Whether the objective keeps target parameters in the train state."""
+  return hasattr(get(config.objective.name), "target_decay")
+
+
+def make_target_update(config):
+  """(target, params, step) -> new target, or None without a target."""
+  objective = get(config.objective.name)
+  if not has_target(config):
+    return None
+  settings, num_steps = config.objective, config.training.num_steps
+
+  def update(target, params, step):
+    mu = objective.target_decay(step, settings, num_steps)
+    return jax.tree.map(lambda old, new: mu * old + (1 - mu) * new,
+                        target, jax.lax.stop_gradient(params))
+  return update
+
+
 def make_loss_fn(config, u_fn):
   """The objective of `config` bound to the network:
   (params, batch, rng, context) -> (loss, metrics)."""
@@ -67,6 +94,7 @@ def make_loss_fn(config, u_fn):
   settings, num_classes = config.objective, config.model.num_classes
 
   def loss_fn(params, batch, rng, context):
+    context = context.replace(num_steps=config.training.num_steps)
     draws = objective.draw(rng, batch, settings, num_classes, context)
     return objective.loss(u_fn, params, batch, draws, settings, num_classes,
                           context)

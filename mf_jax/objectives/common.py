@@ -4,6 +4,8 @@
 backbone signature of DESIGN.md §2); objectives only ever call it.
 """
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -76,10 +78,14 @@ def adaptive_weighted_loss(sq_error_b, p: float, eps: float):
 class Context(flax.struct.PyTreeNode):
   """What a training step knows beyond (params, batch, rng).
 
-  Every objective receives it; most ignore it. Curricula read `step`,
-  consistency targets read an EMA copy from `ema_params` (keyed like the
-  train state's, e.g. '0.9999'). A frozen teacher, when a method has one,
-  is bound into the loss function when the experiment is built.
+  Every objective receives it; most ignore it. Curricula read `step` and
+  `num_steps` (static), consistency targets read an EMA copy from
+  `ema_params` (keyed like the train state's, e.g. '0.9999') or the
+  objective's own `target_params` (see objectives.make_target_update). A frozen
+  teacher, when a method has one, is bound into the loss function when the
+  experiment is built.
   """
   step: jax.Array
   ema_params: dict = flax.struct.field(default_factory=dict)
+  target_params: Any = flax.struct.field(default_factory=dict)
+  num_steps: int = flax.struct.field(pytree_node=False, default=0)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mf_jax import objectives
 from mf_jax import sharding
 
 
@@ -16,6 +17,9 @@ class TrainState(flax.struct.PyTreeNode):
 
   `ema_params` maps each decay (as a string, e.g. '0.9999') to its EMA copy
   of the parameters, initialised equal to them as in the official code.
+  `target_params` is the copy a consistency objective regresses towards
+  (an EMA whose rate follows its curriculum, `objectives.make_target_update`);
+  empty ({}) for every other objective, so their checkpoints hold no copy.
   The last three fields record non-finite steps without a host sync:
   `nonfinite_step` is the first step whose loss, gradient or updated
   parameters were not finite (0: none), `nonfinite_what` says which (bits
@@ -26,6 +30,7 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   opt_state: Any
   ema_params: dict[str, Any]
+  target_params: Any
   nonfinite_step: jax.Array
   nonfinite_what: jax.Array
   skipped_steps: jax.Array
@@ -95,7 +100,8 @@ def make_optimizer(config, num_steps: int):
   return tx, schedule
 
 
-def init_state(rng, model, tx, input_shape, ema_decays) -> TrainState:
+def init_state(rng, model, tx, input_shape, ema_decays,
+               with_target: bool = False) -> TrainState:
   z = jnp.zeros((1, *input_shape), jnp.float32)
   t = jnp.ones((1,), jnp.float32)
   params = model.init(rng, z, t, t, jnp.zeros((1,), jnp.int32))["params"]
@@ -103,6 +109,7 @@ def init_state(rng, model, tx, input_shape, ema_decays) -> TrainState:
   return TrainState(
       step=zero, params=params, opt_state=tx.init(params),
       ema_params={ema_key(d): params for d in ema_decays},
+      target_params=params if with_target else {},
       nonfinite_step=zero, nonfinite_what=zero, skipped_steps=zero)
 
 
@@ -110,7 +117,8 @@ def abstract_state(model, tx, config, mesh):
   """Shapes and shardings of the train state, without allocating it."""
   init = functools.partial(init_state, model=model, tx=tx,
                            input_shape=model_input_shape(config.model),
-                           ema_decays=config.training.ema_decays)
+                           ema_decays=config.training.ema_decays,
+                           with_target=objectives.has_target(config))
   shapes = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.tree_shardings(
       shapes, mesh, config.mesh.get("fsdp_min_size", sharding.FSDP_MIN_SIZE))

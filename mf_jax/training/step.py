@@ -15,7 +15,8 @@ class NonFiniteError(FloatingPointError):
   """Training produced a non-finite loss, gradient or parameter."""
 
 
-def train_step(state: TrainState, batch, rng, *, loss_fn, tx, schedule):
+def train_step(state: TrainState, batch, rng, *, loss_fn, tx, schedule,
+               target_update=None):
   """One update. The step is folded into the RNG, so a resumed run draws
   the same noise and times as an uninterrupted one.
 
@@ -27,7 +28,8 @@ def train_step(state: TrainState, batch, rng, *, loss_fn, tx, schedule):
   """
   rng = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  context = objectives.Context(step=state.step, ema_params=state.ema_params)
+  context = objectives.Context(step=state.step, ema_params=state.ema_params,
+                               target_params=state.target_params)
   (loss, metrics), grads = grad_fn(state.params, batch, rng, context)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -41,6 +43,9 @@ def train_step(state: TrainState, batch, rng, *, loss_fn, tx, schedule):
   ema_params = {
       key: optax.incremental_update(params, ema, 1.0 - float(key))
       for key, ema in state.ema_params.items()}
+  target_params = state.target_params
+  if target_update is not None:
+    target_params = target_update(target_params, params, state.step)
   keep = lambda new, old: jax.tree.map(
       lambda n, o: jnp.where(finite, n, o), new, old)
   step = state.step + 1
@@ -49,6 +54,7 @@ def train_step(state: TrainState, batch, rng, *, loss_fn, tx, schedule):
       step=step, params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),
       ema_params=keep(ema_params, state.ema_params),
+      target_params=keep(target_params, state.target_params),
       nonfinite_step=jnp.where(first, step, state.nonfinite_step),
       nonfinite_what=jnp.where(first, what, state.nonfinite_what),
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
@@ -82,11 +88,12 @@ def nonfinite_message(step: int, what: int, values: dict | None = None) -> str:
           "set training.on_nonfinite=skip to skip such steps.")
 
 
-def jit_train_step(loss_fn, tx, schedule, state_shardings, mesh):
+def jit_train_step(loss_fn, tx, schedule, state_shardings, mesh,
+                   target_update=None):
   """The jitted step with donated state and explicit shardings."""
   def step(state, batch, rng):
     return train_step(state, batch, rng, loss_fn=loss_fn, tx=tx,
-                      schedule=schedule)
+                      schedule=schedule, target_update=target_update)
 
   replicated = sharding.replicated(mesh)
   return jax.jit(

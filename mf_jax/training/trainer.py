@@ -73,7 +73,8 @@ class Experiment:
   def jit_train_step(self):
     return step_lib.jit_train_step(
         objectives.make_loss_fn(self.config, self.u_fn), self.tx,
-        self.schedule, self.state_shardings, self.mesh)
+        self.schedule, self.state_shardings, self.mesh,
+        objectives.make_target_update(self.config))
 
   def abstract_batch(self, batch_size=None):
     """Shapes and shardings of a global batch, for ahead-of-time lowering."""
