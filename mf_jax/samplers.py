@@ -11,6 +11,12 @@ names in `SAMPLER`, unless a schedule names its own solver ('heun8',
 velocity whatever the objective trained: the many-step reference a one-step
 model is compared with. 'ode' is adaptive (Dopri5, `ode_sample`) and
 reports the NFE it took.
+
+Every fixed-step sampler takes (u_fn, params, noise, labels, timesteps,
+rng=None). `rng` is for samplers that draw fresh noise along the way (the
+consistency sampler re-noises between its jumps): noise bits cannot seed
+a key, so the caller passes one, independent of the key that drew `noise`
+(the evaluator folds 1 into that key). Deterministic samplers ignore it.
 """
 
 import dataclasses
@@ -146,20 +152,23 @@ def _integrate(u_fn, params, noise, labels, timesteps, average: bool):
   return jax.lax.fori_loop(0, timesteps.shape[0] - 1, step, noise)
 
 
-def flow_map_sample(u_fn, params, noise, labels, timesteps):
+def flow_map_sample(u_fn, params, noise, labels, timesteps, rng=None):
   """MeanFlow sampling; 1-NFE is x = e - u(e, t=1, h=1, y)."""
+  del rng
   return _integrate(u_fn, params, noise, labels, timesteps, average=True)
 
 
-def euler_sample(u_fn, params, noise, labels, timesteps):
+def euler_sample(u_fn, params, noise, labels, timesteps, rng=None):
   """Euler integration of the probability-flow ODE (flow matching)."""
+  del rng
   return _integrate(u_fn, params, noise, labels, timesteps, average=False)
 
 
-def heun_sample(u_fn, params, noise, labels, timesteps):
+def heun_sample(u_fn, params, noise, labels, timesteps, rng=None):
   """Heun's method (explicit trapezoid) on the instantaneous velocity:
   second order, 2 NFE per step, the last step included (t = 0 is a regular
   time for a flow; EDM's Euler last step avoids its sigma = 0 only)."""
+  del rng
 
   def step(i, z):
     t, r = timesteps[i], timesteps[i + 1]
@@ -207,16 +216,47 @@ def ode_sample(u_fn, params, noise, labels, rtol: float = ODE_RTOL,
   return solution.ys[0], stats
 
 
+def consistency_sample(u_fn, params, noise, labels, timesteps, rng=None):
+  """Multistep consistency sampling (Song et al., 2023, Algorithm 1).
+
+  At each time t of the schedule, jump to data with the consistency
+  function x = f(z, t) = z - t u(z, t, h = t, y), then re-noise to the
+  next time t' along the forward path, z = (1 - t') x + t' e', with fresh
+  noise e' (drawn from fold_in(rng, step)); the last jump lands at t' = 0,
+  where z = x. 1-NFE is x = e - u(e, 1, 1, y), as for the flow map; with
+  more steps the samples differ from the flow map's (the re-noising is
+  stochastic, the flow map's steps are not). `rng` is required for
+  schedules of more than one step.
+  """
+  steps = timesteps.shape[0] - 1
+  if steps > 1 and rng is None:
+    raise ValueError("The consistency sampler re-noises between its "
+                     f"{steps} steps and needs an rng key; pass rng=.")
+  batch = noise.shape[0]
+
+  def step(i, z):
+    t, r = timesteps[i], timesteps[i + 1]
+    t_b = jnp.full((batch,), t, z.dtype)
+    x = z - t * u_fn(params, z, t_b, t_b, labels, False)
+    if steps == 1:  # no noise to draw, no key needed
+      return x
+    fresh = jax.random.normal(jax.random.fold_in(rng, i), z.shape, z.dtype)
+    return (1 - r) * x + r * fresh
+
+  return jax.lax.fori_loop(0, steps, step, noise)
+
+
 SAMPLERS = {"flow_map": flow_map_sample, "euler": euler_sample,
-            "heun": heun_sample}
+            "heun": heun_sample, "consistency": consistency_sample}
 
 
 def sample(u_fn, params, noise, labels, spec: int | str, sampler: str,
-           rtol: float = ODE_RTOL, atol: float = ODE_ATOL):
+           rtol: float = ODE_RTOL, atol: float = ODE_ATOL, rng=None):
   """Samples of schedule `spec` (see `parse_schedule`) and their stats
   (as `ode_sample`'s; a fixed schedule's nfe is its count). Step counts
   and explicit times run `SAMPLERS[sampler]`, the objective's; a `Solver`
-  runs its own method on the instantaneous velocity."""
+  runs its own method on the instantaneous velocity. `rng`: the key of
+  samplers that draw noise as they go (module docstring)."""
   parsed = parse_schedule(spec)
   if isinstance(parsed, Solver):
     if parsed.method == "ode":
@@ -224,7 +264,7 @@ def sample(u_fn, params, noise, labels, spec: int | str, sampler: str,
     fn, times = SAMPLERS[parsed.method], uniform_timesteps(parsed.steps)
   else:
     fn, times = SAMPLERS[sampler], timesteps(spec)
-  samples = fn(u_fn, params, noise, labels, times)
+  samples = fn(u_fn, params, noise, labels, times, rng=rng)
   return samples, {"nfe": jnp.int32(fixed_nfe(spec)),
                    "steps": jnp.int32(times.shape[0] - 1),
                    "finished": jnp.bool_(True)}

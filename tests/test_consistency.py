@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from mf_jax import samplers
 from mf_jax.objectives import consistency
+from tests.gaussian_flow import exact_u, MU, S
 
 GRID = (0.002, 80.0, 7.0)  # sigma_min, sigma_max, rho
 
@@ -123,4 +125,52 @@ def test_boundary_condition():
 def test_curriculum_with_s1_below_s0_is_one_line():
   with pytest.raises(ValueError, match="ct_s0=10 and ct_s1=5") as info:
     consistency.validate_curriculum("ct", 10, 5)
+  assert "\n" not in str(info.value)
+
+
+def _gaussian_noise(n=20_000, dim=2, seed=0):
+  return jax.random.normal(jax.random.key(seed), (n, dim))
+
+
+@pytest.mark.parametrize("schedule", [1, 2, "1,0.45,0", "1,0.8,0.3,0.05,0"])
+def test_consistency_sampler_with_the_exact_flow_map_lands_on_the_data(
+    schedule):
+  # exact_u(z, t, h = t) is the true average velocity to r = 0, so f is the
+  # exact consistency function; re-noising its output (a data sample) with
+  # fresh noise gives the exact marginal, so every schedule ends on
+  # N(MU, S^2).
+  noise = _gaussian_noise()
+  labels = jnp.zeros((noise.shape[0],), jnp.int32)
+  x, stats = samplers.sample(exact_u, None, noise, labels, schedule,
+                             "consistency", rng=jax.random.key(7))
+  x = np.asarray(x)
+  np.testing.assert_allclose(x.mean(0), [MU, MU], atol=0.02)
+  np.testing.assert_allclose(x.std(0), [S, S], atol=0.01)
+  assert int(stats["nfe"]) == samplers.fixed_nfe(schedule)
+
+
+def test_consistency_sampler_one_step_is_the_flow_map_and_renoises_after():
+  noise = _gaussian_noise(64)
+  labels = jnp.zeros((64,), jnp.int32)
+  one = samplers.consistency_sample(exact_u, None, noise, labels,
+                                    samplers.timesteps(1))
+  np.testing.assert_allclose(
+      one, samplers.flow_map_sample(exact_u, None, noise, labels,
+                                    samplers.timesteps(1)), rtol=1e-6)
+  # With re-noising, the same key gives the same samples, another key
+  # other samples: the fresh noise comes from rng, not from `noise`.
+  times = samplers.timesteps("1,0.45,0")
+  run = lambda seed: np.asarray(samplers.consistency_sample(
+      exact_u, None, noise, labels, times, rng=jax.random.key(seed)))
+  np.testing.assert_array_equal(run(1), run(1))
+  assert np.abs(run(1) - run(2)).mean() > 0.1
+  with pytest.raises(ValueError, match="needs an rng key"):
+    samplers.consistency_sample(exact_u, None, noise, labels, times)
+
+
+@pytest.mark.parametrize("spec", ["1,0.45,0.6,0", "1,0.45,0.45,0",
+                                  "0.9,0.5,0", "1,0.5"])
+def test_consistency_schedule_that_does_not_descend_is_one_line(spec):
+  with pytest.raises(ValueError, match="descend from 1 to 0") as info:
+    samplers.timesteps(spec)
   assert "\n" not in str(info.value)

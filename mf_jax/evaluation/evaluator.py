@@ -67,7 +67,8 @@ class Evaluator:
     return samplers.sample(
         u_fn, params, noise, labels, schedule, self.sampler,
         rtol=c.get("ode_rtol", samplers.ODE_RTOL),
-        atol=c.get("ode_atol", samplers.ODE_ATOL))
+        atol=c.get("ode_atol", samplers.ODE_ATOL),
+        rng=jax.random.fold_in(rng, 1))  # re-noising samplers' own key
 
   def generate(self, params, rng, num: int, nfe: int | str, label_mode: str):
     """`num` samples and their labels as numpy, in batches of eval size;

@@ -148,7 +148,8 @@ def make_image_fn(config, u_fn, mesh, input_shape, nfe: int, batch: int,
                   protocol: str = "pytorch_fid"):
   """Jitted (params, vae_params, rng, start) -> (uint8 images, labels).
 
-  `rng` draws the noise; fold_in(rng, 1) draws 'random' labels.
+  `rng` draws the noise; fold_in(rng, 1) draws 'random' labels and
+  fold_in(rng, 2) the noise a re-noising sampler draws as it goes.
   """
   sampler = samplers.SAMPLERS[objectives.get(config.objective.name).SAMPLER]
   batch_sharding = sharding.batch_sharding(mesh)
@@ -160,7 +161,8 @@ def make_image_fn(config, u_fn, mesh, input_shape, nfe: int, batch: int,
                       config.model.num_classes), batch_sharding)
     noise = jax.lax.with_sharding_constraint(
         jax.random.normal(rng, (batch, *input_shape)), batch_sharding)
-    x = sampler(u_fn, params, noise, labels, samplers.timesteps(nfe))
+    x = sampler(u_fn, params, noise, labels, samplers.timesteps(nfe),
+                rng=jax.random.fold_in(rng, 2))
     if decode is not None:
       x = jax.lax.with_sharding_constraint(decode(vae_params, x),
                                            batch_sharding)
