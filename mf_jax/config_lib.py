@@ -58,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
       guidance_kappa=0.0,
       guidance_t_start=0.0,
       guidance_t_end=1.0,
+      # Distillation: a frozen exported network (mf_jax.export safetensors)
+      # and the CFG scale it is queried with (1: unguided).
+      teacher="",
+      teacher_cfg_scale=1.0,
   ))
   # The other methods' own knobs (shortcut_*, alpha_*, ...), declared with
   # the paper's or official code's defaults by each objective's module.

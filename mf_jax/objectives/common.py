@@ -4,7 +4,7 @@
 backbone signature of DESIGN.md §2); objectives only ever call it.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -81,11 +81,13 @@ class Context(flax.struct.PyTreeNode):
   Every objective receives it; most ignore it. Curricula read `step` and
   `num_steps` (static), consistency targets read an EMA copy from
   `ema_params` (keyed like the train state's, e.g. '0.9999') or the
-  objective's own `target_params` (see objectives.make_target_update). A frozen
-  teacher, when a method has one, is bound into the loss function when the
-  experiment is built.
+  objective's own `target_params` (see objectives.make_target_update).
+  Distillation objectives call `teacher(z, t, h, y)`, a frozen network's
+  average velocity (training/teacher.py), None without `objective.teacher`.
   """
   step: jax.Array
   ema_params: dict = flax.struct.field(default_factory=dict)
   target_params: Any = flax.struct.field(default_factory=dict)
+  teacher: Callable | None = flax.struct.field(pytree_node=False,
+                                               default=None)
   num_steps: int = flax.struct.field(pytree_node=False, default=0)

@@ -58,17 +58,17 @@ def _random_batch(exp, batch_size, seed=0):
 
 def bench_one(config, batch_size, steps: int) -> dict:
   exp = trainer.Experiment(config, workdir="")
-  compiled = exp.lower_train_step(batch_size).compile()
+  step, compiled = exp.compile_train_step(batch_size)
   state = exp.new_state()
   batch = _random_batch(exp, batch_size)
   rng = jax.random.key(0)
   for _ in range(2):  # warm-up
-    state, metrics = compiled(state, batch, rng)
+    state, metrics = step(state, batch, rng)
   jax.block_until_ready(metrics)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    state, metrics = compiled(state, batch, rng)
+    state, metrics = step(state, batch, rng)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   return {"flops": compiled_stats.flops(compiled),

@@ -1,5 +1,7 @@
 """The train step: loss, gradient, optimizer update and EMA, one jit."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -15,8 +17,8 @@ class NonFiniteError(FloatingPointError):
   """Training produced a non-finite loss, gradient or parameter."""
 
 
-def train_step(state: TrainState, batch, rng, *, loss_fn, tx, schedule,
-               target_update=None):
+def train_step(state: TrainState, batch, rng, frozen, *, loss_fn, tx,
+               schedule, target_update=None, teacher_apply=None):
   """One update. The step is folded into the RNG, so a resumed run draws
   the same noise and times as an uninterrupted one.
 
@@ -28,8 +30,13 @@ def train_step(state: TrainState, batch, rng, *, loss_fn, tx, schedule,
   """
   rng = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  teacher = None
+  if teacher_apply is not None:  # frozen parameters, never differentiated
+    teacher = functools.partial(teacher_apply,
+                                jax.lax.stop_gradient(frozen["teacher"]))
   context = objectives.Context(step=state.step, ema_params=state.ema_params,
-                               target_params=state.target_params)
+                               target_params=state.target_params,
+                               teacher=teacher)
   (loss, metrics), grads = grad_fn(state.params, batch, rng, context)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -89,16 +96,20 @@ def nonfinite_message(step: int, what: int, values: dict | None = None) -> str:
 
 
 def jit_train_step(loss_fn, tx, schedule, state_shardings, mesh,
-                   target_update=None):
-  """The jitted step with donated state and explicit shardings."""
-  def step(state, batch, rng):
-    return train_step(state, batch, rng, loss_fn=loss_fn, tx=tx,
-                      schedule=schedule, target_update=target_update)
+                   target_update=None, teacher_apply=None,
+                   frozen_shardings=None):
+  """The jitted step(state, batch, rng, frozen) with donated state and
+  explicit shardings; `frozen` holds parameters the step reads but never
+  changes (a distillation teacher's), {} for most objectives."""
+  def step(state, batch, rng, frozen):
+    return train_step(state, batch, rng, frozen, loss_fn=loss_fn, tx=tx,
+                      schedule=schedule, target_update=target_update,
+                      teacher_apply=teacher_apply)
 
   replicated = sharding.replicated(mesh)
   return jax.jit(
       step,
       in_shardings=(state_shardings, sharding.batch_sharding(mesh),
-                    replicated),
+                    replicated, frozen_shardings or {}),
       out_shardings=(state_shardings, replicated),
       donate_argnums=0)

@@ -34,6 +34,7 @@ from mf_jax.training import state as state_lib
 from mf_jax.training import resume
 from mf_jax.training import signals as signals_lib
 from mf_jax.training import step as step_lib
+from mf_jax.training import teacher as teacher_lib
 from mf_jax.training import throughput
 from mf_jax.training import writers
 
@@ -50,6 +51,7 @@ class Experiment:
     preflight.validate_config(config)
     self.objective = objectives.validate(config)
     fid_eval.check_files(config)  # opens VAE/Inception/statistics files
+    teacher_lib.check(config)
     for schedule in (*config.eval.nfe, sample_schedule(config)):
       samplers.parse_schedule(schedule)
     self.mesh = sharding.make_mesh(config.mesh, devices)
@@ -70,11 +72,18 @@ class Experiment:
         os.path.join(files.absolute(self.workdir), "checkpoints"),
         self.config.checkpoint.max_to_keep, self.config.checkpoint.async_save)
 
+  @functools.cached_property
+  def teacher(self):
+    """(apply, frozen): the distillation teacher, loaded on first use."""
+    return teacher_lib.load(self.config, self.mesh)
+
   def jit_train_step(self):
+    teacher_apply, frozen = self.teacher
     return step_lib.jit_train_step(
         objectives.make_loss_fn(self.config, self.u_fn), self.tx,
         self.schedule, self.state_shardings, self.mesh,
-        objectives.make_target_update(self.config))
+        objectives.make_target_update(self.config), teacher_apply,
+        jax.tree.map(lambda a: a.sharding, frozen))
 
   def abstract_batch(self, batch_size=None):
     """Shapes and shardings of a global batch, for ahead-of-time lowering."""
@@ -93,10 +102,20 @@ class Experiment:
     return batch
 
   def lower_train_step(self, batch_size=None):
-    """The train step lowered from abstract shapes: nothing is allocated."""
+    """The train step lowered from abstract shapes: nothing is allocated
+    (but a teacher's parameters, which are read)."""
     rng = jax.eval_shape(jax.random.key, 0)
-    return self.jit_train_step().lower(self.abstract_state,
-                                       self.abstract_batch(batch_size), rng)
+    return self.jit_train_step().lower(
+        self.abstract_state, self.abstract_batch(batch_size), rng,
+        teacher_lib.abstract(self.teacher[1]))
+
+  def compile_train_step(self, batch_size=None):
+    """(step(state, batch, rng) -> (state, metrics), the compiled program):
+    the call binds the frozen parameters; the program gives FLOPs/memory."""
+    compiled = self.lower_train_step(batch_size).compile()
+    frozen = self.teacher[1]
+    return (lambda state, batch, rng: compiled(state, batch, rng, frozen),
+            compiled)
 
   def new_state(self):
     return jax.jit(self.init_fn, out_shardings=self.state_shardings)(
@@ -308,9 +327,9 @@ def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
   # Compiled ahead of time from the abstract shapes: its FLOPs give the
   # model FLOPs utilisation, and a shape or sharding that does not fit
   # fails here, not at step one.
-  train_step = exp.lower_train_step().compile()
+  train_step, compiled = exp.compile_train_step()
   speed = throughput.StepRate(
-      exp.mesh, throughput.compiled_flops(train_step), start_step)
+      exp.mesh, throughput.compiled_flops(compiled), start_step)
   profile = throughput.ProfileWindow.from_config(config.profile, workdir)
   evaluating = evaluator.scores_samples or bool(config.eval.inception)
   if config.eval.every_steps and not evaluating:
