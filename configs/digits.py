@@ -8,7 +8,8 @@ conditioning labels.
 
   python -m mf_jax.main --config=configs/digits.py --workdir=/tmp/digits
 
-Argument keys: objective (meanflow | flow_matching), fraction_r_neq_t.
+Argument keys: objective (meanflow | flow_matching | shortcut | ...),
+fraction_r_neq_t.
 """
 
 from mf_jax import config_lib
@@ -17,6 +18,8 @@ from mf_jax import config_lib
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, objective="meanflow", fraction_r_neq_t=0.25)
   c = config_lib.digits_config(arg.objective, arg.fraction_r_neq_t)
+  if arg.objective == "shortcut":
+    c.objective.adaptive_p = 0.0  # the official plain L2
   c.model.update(name="dit", variant="", patch_size=4, hidden_size=128,
                  depth=4, num_heads=4)
   return c

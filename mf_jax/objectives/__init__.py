@@ -28,6 +28,7 @@ from mf_jax.objectives import alpha_flow
 from mf_jax.objectives import common
 from mf_jax.objectives import flow_matching
 from mf_jax.objectives import meanflow
+from mf_jax.objectives import shortcut
 from mf_jax.objectives import time_samplers
 
 Context = common.Context
@@ -36,6 +37,7 @@ OBJECTIVES: dict[str, types.ModuleType] = {
     "alpha_flow": alpha_flow,
     "flow_matching": flow_matching,
     "meanflow": meanflow,
+    "shortcut": shortcut,
 }
 
 
