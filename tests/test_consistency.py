@@ -12,8 +12,17 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from configs import toy2d
+from mf_jax import config_lib
+from mf_jax import export
+from mf_jax import objectives
 from mf_jax import samplers
 from mf_jax.objectives import consistency
+from mf_jax.objectives import ct
+from mf_jax.objectives import ect
+from mf_jax.objectives import ict
+from mf_jax.training import init_from
+from mf_jax.training import trainer
 from tests.gaussian_flow import exact_u, MU, S
 
 GRID = (0.002, 80.0, 7.0)  # sigma_min, sigma_max, rho
@@ -174,3 +183,225 @@ def test_consistency_schedule_that_does_not_descend_is_one_line(spec):
   with pytest.raises(ValueError, match="descend from 1 to 0") as info:
     samplers.timesteps(spec)
   assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# The objectives' losses against hand computations on a tiny network.
+
+
+def _net(params, z, t, h, y, train):
+  """A small nonlinear field of (z, t, h, y) with parameters (a, b)."""
+  del train
+  t_, h_ = t[:, None], h[:, None]
+  return (params["a"] * jnp.tanh(z) * (1 + t_) + params["b"] * h_
+          + 0.1 * y[:, None].astype(z.dtype))
+
+
+def _f_by_hand(params, x, e, sigma, y):
+  """f(z_t, t) in numpy: t = sigma / (1 + sigma), z_t = (1 - t) x + t e."""
+  t = (sigma / (1 + sigma))[:, None]
+  z = (1 - t) * x + t * e
+  u = params["a"] * np.tanh(z) * (1 + t) + params["b"] * t + 0.1 * y[:, None]
+  return z - t * u
+
+
+def _config(name, **objective):
+  c = config_lib.base_config()
+  c.objective.update(name=name, class_dropout=0.0, **objective)
+  c.training.num_steps = 1000
+  return c
+
+
+def _batch_and_draws(n=6, dim=3, seed=0):
+  rng = np.random.default_rng(seed)
+  sigma_next = np.exp(rng.uniform(-3, 2, n)).astype(np.float32)
+  sigma = (sigma_next * rng.uniform(1.1, 3.0, n)).astype(np.float32)
+  batch = {"x": rng.standard_normal((n, dim)).astype(np.float32),
+           "y": rng.integers(0, 3, n).astype(np.int32)}
+  draws = {"sigma": sigma, "sigma_next": sigma_next,
+           "e": rng.standard_normal((n, dim)).astype(np.float32),
+           "dropped": np.zeros(n, bool), "dropout": jax.random.key(0)}
+  return batch, draws
+
+
+ONLINE = {"a": np.float32(0.7), "b": np.float32(-0.3)}
+TARGET = {"a": np.float32(0.5), "b": np.float32(0.2)}
+
+
+def _context(step=0, target=None):
+  return objectives.Context(step=jnp.int32(step), target_params=target or {},
+                            num_steps=1000)
+
+
+@pytest.mark.parametrize("metric", ["l2", "pseudo_huber"])
+def test_ct_loss_by_hand_and_its_gradient_skips_the_target(metric):
+  cfg = _config("ct", ct_metric=metric, ct_huber_c=0.3).objective
+  batch, draws = _batch_and_draws()
+  x, e, y = batch["x"], draws["e"], batch["y"]
+  student = _f_by_hand(ONLINE, x, e, draws["sigma"], y)
+  target = _f_by_hand(TARGET, x, e, draws["sigma_next"], y)
+  sq = np.sum((student - target) ** 2, axis=1)
+  want = sq if metric == "l2" else np.sqrt(sq + 0.09) - 0.3
+  value, metrics = ct.loss(_net, ONLINE, batch, draws, cfg, 3,
+                           _context(target=TARGET))
+  assert float(value) == pytest.approx(want.mean(), rel=1e-5)
+  assert float(metrics["mse"]) == pytest.approx(sq.mean(), rel=1e-5)
+
+  # The gradient reaches the online parameters through the student only:
+  # the same loss with the target as a constant array.
+  def by_hand(params):
+    t = jnp.asarray(draws["sigma"] / (1 + draws["sigma"]))
+    z = (1 - t[:, None]) * x + t[:, None] * e
+    f = z - t[:, None] * _net(params, z, t, t, jnp.asarray(y), True)
+    sq = jnp.sum((f - target) ** 2, axis=1)
+    return jnp.mean(sq if metric == "l2" else jnp.sqrt(sq + 0.09) - 0.3)
+
+  grad = jax.grad(lambda p: ct.loss(_net, p, batch, draws, cfg, 3,
+                                    _context(target=TARGET))[0])(ONLINE)
+  want_grad = jax.grad(by_hand)(ONLINE)
+  for key in ("a", "b"):
+    assert float(grad[key]) == pytest.approx(float(want_grad[key]), rel=1e-4)
+
+
+def test_ict_loss_by_hand_with_the_online_network_as_target():
+  cfg = _config("ict", ict_huber_c=-1.0).objective
+  batch, draws = _batch_and_draws()
+  x, e, y = batch["x"], draws["e"], batch["y"]
+  student = _f_by_hand(ONLINE, x, e, draws["sigma"], y)
+  target = _f_by_hand(ONLINE, x, e, draws["sigma_next"], y)
+  c = 0.00054 * math.sqrt(3)
+  distance = np.sqrt(np.sum((student - target) ** 2, axis=1) + c**2) - c
+  weight = 1 / (draws["sigma"] - draws["sigma_next"])
+  value, _ = ict.loss(_net, ONLINE, batch, draws, cfg, 3, _context())
+  assert float(value) == pytest.approx(np.mean(weight * distance), rel=1e-4)
+  # sg(theta): the gradient is the student's alone.
+  def by_hand(params):
+    t = jnp.asarray(draws["sigma"] / (1 + draws["sigma"]))
+    z = (1 - t[:, None]) * x + t[:, None] * e
+    f = z - t[:, None] * _net(params, z, t, t, jnp.asarray(y), True)
+    sq = jnp.sum((f - target) ** 2, axis=1)
+    return jnp.mean(weight * (jnp.sqrt(sq + c**2) - c))
+  grad = jax.grad(lambda p: ict.loss(_net, p, batch, draws, cfg, 3,
+                                     _context())[0])(ONLINE)
+  want_grad = jax.grad(by_hand)(ONLINE)
+  for key in ("a", "b"):
+    assert float(grad[key]) == pytest.approx(float(want_grad[key]), rel=1e-4)
+
+
+def test_ect_mapping_and_loss_by_hand():
+  cfg = _config("ect", ect_huber_c=0.0).objective
+  # r = t (1 - 2^-(stage+1) (1 + 8 sigmoid(-t))), clamped at 0.
+  sigma = np.array([0.05, 2.0, 10.0, 50.0], np.float32)
+  for stage in (0, 1, 3):
+    adj = 1 + 8 / (1 + np.exp(sigma))
+    want = np.maximum(sigma * (1 - adj / 2 ** (stage + 1)), 0)
+    np.testing.assert_allclose(ect.r_of(sigma, stage, cfg), want, rtol=1e-5,
+                               atol=1e-7)
+  # Stage 0 at t = 2: sigmoid(-2) = 0.11920, r = 2 (1 - 1.95362 / 2).
+  assert float(ect.r_of(2.0, 0, cfg)) == pytest.approx(0.046377, abs=1e-5)
+  assert float(ect.r_of(0.05, 0, cfg)) == 0.0
+  assert int(ect.stage_at(374, cfg, 1000)) == 2  # 1000 // 8 = 125 a stage
+
+  batch, draws = _batch_and_draws()
+  draws["sigma_next"][:2] = 0.0  # r = 0: the target is the data itself
+  x, e, y = batch["x"], draws["e"], batch["y"]
+  student = _f_by_hand(ONLINE, x, e, draws["sigma"], y)
+  target = _f_by_hand(ONLINE, x, e, draws["sigma_next"], y)
+  np.testing.assert_allclose(target[:2], x[:2], rtol=1e-6)
+  norm = np.sqrt(np.sum((student - target) ** 2, axis=1))  # c = 0
+  want = np.mean(norm / (draws["sigma"] - draws["sigma_next"]))
+  value, _ = ect.loss(_net, ONLINE, batch, draws, cfg, 3, _context())
+  assert float(value) == pytest.approx(want, rel=1e-4)
+
+
+def test_ct_draws_adjacent_levels_of_the_step_grid():
+  cfg = _config("ct").objective
+  batch = {"x": jnp.zeros((4096, 2)), "y": jnp.zeros((4096,), jnp.int32)}
+  for step, n in ((0, 2), (10, 16)):  # the hand values of the test above
+    draws = ct.draw(jax.random.key(step), batch, cfg, 0, _context(step))
+    grid = np.asarray(consistency.karras_sigmas(n, *GRID))
+    hi = np.searchsorted(grid, np.asarray(draws["sigma"]) * (1 - 1e-5))
+    np.testing.assert_allclose(draws["sigma"], grid[hi], rtol=1e-5)
+    np.testing.assert_allclose(draws["sigma_next"], grid[hi - 1], rtol=1e-5)
+    # Uniform over the n - 1 pairs.
+    counts = np.bincount(hi - 1, minlength=n - 1) / 4096
+    np.testing.assert_allclose(counts, 1 / (n - 1), atol=0.03)
+
+
+def test_ict_draws_follow_the_lognormal_index_distribution():
+  cfg = _config("ict").objective
+  batch = {"x": jnp.zeros((20_000, 2)), "y": jnp.zeros((20_000,), jnp.int32)}
+  draws = ict.draw(jax.random.key(3), batch, cfg, 0, _context(150))
+  n = 21  # K' = 125: step 150 is the second stage, 20 intervals
+  grid = np.asarray(consistency.karras_sigmas(n, *GRID))
+  lo = np.searchsorted(grid, np.asarray(draws["sigma_next"]) * (1 - 1e-5))
+  np.testing.assert_allclose(draws["sigma"], grid[lo + 1], rtol=1e-5)
+  probs = consistency.lognormal_index_probs(n, 20, *GRID, -1.1, 2.0)
+  np.testing.assert_allclose(np.bincount(lo, minlength=20) / 20_000, probs,
+                             atol=0.01)
+
+
+def test_ct_target_follows_mu_of_k_and_ict_keeps_none():
+  c = _config("ct")
+  assert objectives.has_target(c)
+  assert not objectives.has_target(_config("ict"))
+  assert not objectives.has_target(_config("ect"))
+  update = objectives.make_target_update(c)
+  old, new = {"w": jnp.float32(1.0)}, {"w": jnp.float32(0.0)}
+  for step, intervals in ((0, 1), (500, 106)):
+    mu = 0.9 ** (2 / intervals)
+    got = update(old, new, jnp.int32(step))["w"]
+    assert float(got) == pytest.approx(mu, rel=1e-5)
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("ct", dict(ct_s0=10, ct_s1=5), "ct_s0=10 and ct_s1=5"),
+    ("ict", dict(ict_s0=20, ict_s1=10), "ict_s0=20 and ict_s1=10"),
+    ("ct", dict(ct_mu0=1.0), "ct_mu0"),
+    ("ct", dict(ct_metric="lpips"), "ct_metric"),
+    ("ict", dict(ict_sigma_min=0.0), "ict_sigma_min"),
+    ("ect", dict(ect_stages=0), "ect_stages"),
+    ("ect", dict(ect_q=1.0), "ect_q"),
+])
+def test_bad_settings_are_one_line_errors(name, change, message):
+  with pytest.raises(ValueError, match=message) as info:
+    objectives.validate(_config(name, **change))
+  assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# objective.init_from: a fresh run starts from an export's weights.
+
+
+def _toy_experiment(tmp_path, objective, hidden=32, init_from=""):
+  c = toy2d.get_config(f"objective={objective}")
+  c.model.update(hidden_size=hidden, depth=2)
+  c.objective.init_from = init_from
+  return c, trainer.Experiment(c, str(tmp_path / f"run{hidden}"))
+
+
+def test_init_from_an_export_sets_params_ema_and_target(tmp_path):
+  c, exp = _toy_experiment(tmp_path, "ct")
+  donor = jax.tree.map(lambda p: np.asarray(p) + 0.5,
+                       exp.new_state().params)
+  path = str(tmp_path / "fm.safetensors")
+  export.save(path, donor, c.model, source="test")
+  c.objective.init_from = path
+  state = init_from.initial_state(exp.new_state(), c)
+  for tree in (state.params, *state.ema_params.values(), state.target_params):
+    for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(donor)):
+      np.testing.assert_array_equal(got, want)
+  # Without init_from the state is left as it is.
+  c.objective.init_from = ""
+  fresh = exp.new_state()
+  assert init_from.initial_state(fresh, c) is fresh
+
+
+def test_init_from_an_export_of_another_model_is_one_line(tmp_path):
+  c_small, small = _toy_experiment(tmp_path, "ect", hidden=16)
+  path = str(tmp_path / "small.safetensors")
+  export.save(path, small.new_state().params, c_small.model)
+  c, exp = _toy_experiment(tmp_path, "ect", hidden=32, init_from=path)
+  with pytest.raises(ValueError, match="does not fit this run's model") as e:
+    init_from.initial_state(exp.new_state(), c)
+  assert "\n" not in str(e.value)

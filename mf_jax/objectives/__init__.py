@@ -26,7 +26,10 @@ import jax
 
 from mf_jax.objectives import alpha_flow
 from mf_jax.objectives import common
+from mf_jax.objectives import ct
+from mf_jax.objectives import ect
 from mf_jax.objectives import flow_matching
+from mf_jax.objectives import ict
 from mf_jax.objectives import meanflow
 from mf_jax.objectives import shortcut
 from mf_jax.objectives import time_samplers
@@ -35,7 +38,10 @@ Context = common.Context
 
 OBJECTIVES: dict[str, types.ModuleType] = {
     "alpha_flow": alpha_flow,
+    "ct": ct,
+    "ect": ect,
     "flow_matching": flow_matching,
+    "ict": ict,
     "meanflow": meanflow,
     "shortcut": shortcut,
 }

@@ -98,6 +98,15 @@ def validate_curriculum(prefix: str, s0, s1):
         "number of grid intervals).")
 
 
+def validate_grid(prefix: str, sigma_min, sigma_max, rho):
+  """0 < sigma_min < sigma_max and rho > 0, in one line of error."""
+  if not (0 < sigma_min < sigma_max and rho > 0):
+    raise ValueError(
+        f"objective.{prefix}_sigma_min={sigma_min!r}, {prefix}_sigma_max="
+        f"{sigma_max!r} and {prefix}_rho={rho!r} must satisfy 0 < sigma_min "
+        "< sigma_max and rho > 0 (EDM noise levels; sigma = t / (1 - t)).")
+
+
 def ct_num_scales(step, num_steps: int, s0: int, s1: int) -> jax.Array:
   """CT's grid size N(k) (points, not intervals) at training step k."""
   intervals = jnp.ceil(jnp.sqrt(
@@ -167,7 +176,27 @@ def pseudo_huber(a, b, c: float) -> jax.Array:
   return sq / (jnp.sqrt(sq + c**2) + c)
 
 
-def per_sample_mean_sq(a, b) -> jax.Array:
-  """Per-sample mean over dimensions of (a - b)^2, shape (B,): CT's 'l2'
-  as the official code computes it."""
-  return jnp.mean(jnp.square(a - b).reshape(a.shape[0], -1), axis=-1)
+def draw_noise_labels_dropout(rng, batch, config, num_classes) -> dict:
+  """The draws every consistency objective shares: one noise e for both
+  points of a pair, the label-dropped rows and the dropout key (one key,
+  so student and target see the same dropout masks)."""
+  rng_e, rng_drop = jax.random.split(rng)
+  x = batch["x"]
+  return {"e": jax.random.normal(rng_e, x.shape, x.dtype),
+          "dropped": common.draw_dropped(rng_drop, batch["y"], num_classes,
+                                         config.class_dropout),
+          "dropout": common.dropout_rng(rng)}
+
+
+def pair(u_fn, params, target_params, batch, draws, num_classes, t, r):
+  """(f(z_t, t) with `params`, sg f(z_r, r) with `target_params`): the
+  student at the noisier time t and the target at r < t, both on the path
+  of the same (x, e), with the same labels and the same dropout key."""
+  x, e = batch["x"], draws["e"]
+  y = common.drop_labels(batch["y"], draws["dropped"], num_classes)
+  extras = common.model_extras(u_fn, batch, draws)
+  z_t, _ = common.interpolate(x, e, t)
+  z_r, _ = common.interpolate(x, e, r)
+  student = consistency_fn(u_fn, params, z_t, t, y, True, **extras)
+  target = consistency_fn(u_fn, target_params, z_r, r, y, True, **extras)
+  return student, jax.lax.stop_gradient(target)
