@@ -219,7 +219,7 @@ def test_config_errors_are_one_line(change, message):
   c = _config()
   c.model.num_classes = 0
   c.training.batch_size = 256
-  c.eval.nfe = (1, 2, 4, 128)
+  c.eval.nfe = (1, 2, 4, 128, "ode", "heun8")
   c.sample.timesteps = "1,0.5,0.25,0"
   objectives.validate(c)  # valid before the change
   c.eval.nfe = change.pop("eval_nfe", c.eval.nfe)

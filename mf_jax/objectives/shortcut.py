@@ -133,8 +133,13 @@ def _is_power_of_two_step(h: float, max_steps: int) -> bool:
 
 
 def _schedule_problem(spec, max_steps: int) -> str | None:
-  """Why a shortcut model cannot sample with schedule `spec`, or None."""
+  """Why a shortcut model cannot sample with schedule `spec`, or None.
+  Solvers of the instantaneous velocity ('ode', 'eulerN', 'heunN') ask for
+  h = 0 at any time: trained with shortcut_fm_step='zero', and next to the
+  trained h = 1/M with 'min'."""
   parsed = samplers.parse_schedule(spec)
+  if isinstance(parsed, samplers.Solver):
+    return None
   if isinstance(parsed, int):
     if parsed & (parsed - 1) or parsed > max_steps:
       return (f"{parsed} steps (a shortcut model is trained on steps "
