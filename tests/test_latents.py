@@ -5,11 +5,15 @@ enough for the ADM crop's BOX halving) and a tiny random-weight VAE saved
 in diffusers layout, both made here; no torch.
 """
 
+import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.sparse import linalg as sparse_linalg
 
 from configs import imagenet256_trial
 from mf_jax import config_lib
@@ -17,7 +21,6 @@ from mf_jax.data import imagenet
 from mf_jax.data import latents
 from mf_jax.data import pipeline
 from mf_jax.evaluation import inception
-from mf_jax.evaluation import npz_export
 from mf_jax.models import vae
 from mf_jax.tools import fid as fid_tool
 from mf_jax.tools import prepare_latents
@@ -213,49 +216,106 @@ def test_record_round_trip(dtype):
   np.testing.assert_array_equal(back, moments)
 
 
+def _grid_tiles(path, size, count, pad=1):
+  """The `count` images of a sample grid PNG, row-major, frames removed."""
+  grid = np.asarray(Image.open(path))
+  cell = 256 + 2 * pad
+  assert grid.shape == (size * cell, size * cell, 3)
+  return np.stack([grid[r * cell + pad:r * cell + pad + 256,
+                        q * cell + pad:q * cell + pad + 256]
+                   for r, q in (divmod(i, size) for i in range(count))])
+
+
 def test_trial_config_runs_end_to_end(prepared, tmp_path):
-  """configs/imagenet256_trial.py on prepared latents: trains, writes sample
-  grids decoded by the VAE, and scores FID/IS through that VAE.
+  """configs/imagenet256_trial.py on prepared latents: trains, checkpoints,
+  writes a sample grid decoded by the VAE, and scores FID/IS through it.
 
-  A tiny DiT, the fixture's tiny VAE and a random Inception at 75x75 keep it
-  fast; the chain is the one a real trial runs.
+  A tiny DiT, the fixture's tiny VAE and a random Inception at 75x75 keep
+  it fast; the chain is the one a real trial runs. The grid is recomputed
+  here from the checkpoint's EMA (one step x = e - u(e, t=1, h=1, y), the
+  fixture's VAE decoding x / 0.18215) and the FID from its formula.
   """
-  root, weights, out, _, module, vae_params = prepared
-  # Scaled latents decode as the VAE decodes latents / 0.18215.
-  decode_fn, loaded = vae.load_latent_decoder(weights)
-  latent = np.random.default_rng(0).normal(size=(1, 32, 32, 4)).astype(
-      np.float32)
-  np.testing.assert_allclose(
-      decode_fn(loaded, latent * vae.LATENT_SCALE),
-      vae.decode(module, vae_params, latent), rtol=1e-5, atol=1e-5)
-
-  c = imagenet256_trial.get_config("num_steps=4")
+  _, weights, out, _, module, vae_params = prepared
+  c = imagenet256_trial.get_config("num_steps=2")
   c.model.update(variant="", hidden_size=32, depth=1, num_heads=2,
                  patch_size=4)
-  c.data.latents_dir = out
+  c.data.update(latents_dir=out, vae=weights)
   c.training.batch_size = 8
-  c.checkpoint.update(every_steps=4, async_save=False)
-  c.data.vae = weights
-  c.sample.update(every_steps=4, grid_size=2)
+  c.checkpoint.update(every_steps=2, async_save=False)
+  c.sample.update(every_steps=2, grid_size=2)
+  c.eval.update(batch_size=8, errors_fatal=True)
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(c, workdir)
-  grid = np.asarray(Image.open(os.path.join(workdir, "samples",
-                                            "4_nfe1.png")))
-  assert grid.shape == (2 * 258, 2 * 258, 3)  # 256x256 RGB, 1-pixel frames
-  assert grid.std() > 1.0
 
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  assert (saved["data"]["latents_dir"], saved["training"]["num_steps"]) == (
+      out, 2)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    last = json.loads(f.read().splitlines()[-1])
+  # p = 1: the loss is mean(e / (e + 0.01)), just under 1 at init's error.
+  assert last["step"] == 2 and 0.99 < last["loss"] < 1 < last["mse"]
+
+  exp = trainer.Experiment(c, workdir)
+  state, step = exp.restore()
+  exp.checkpointer.close()
+  assert step == 2 and int(state.step) == 2
+  assert list(state.ema_params) == ["0.99"]  # the trial's EMA
+  ema = state.ema_params["0.99"]
+  moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+           for a, b in zip(jax.tree.leaves(state.params),
+                           jax.tree.leaves(ema))]
+  assert max(moved) > 0  # trained, and the EMA lags behind
+
+  # The grid: labels 0..3 (balanced), noise of key(seed + 2) as the trainer
+  # draws it for a batch of eval.batch_size.
+  _, rng_noise = jax.random.split(jax.random.key(c.training.seed + 2))
+  noise = jax.random.normal(jax.random.fold_in(rng_noise, 0), (8, 32, 32, 4))
+  labels = jnp.arange(8, dtype=jnp.int32) % 4
+
+  @jax.jit
+  def one_step_decoded(ema, vae_params):
+    ones = jnp.ones((8,))
+    x = noise - exp.model.apply({"params": ema}, noise, ones, ones, labels,
+                                train=False)
+    return vae.decode(module, vae_params, x[:4] / vae.LATENT_SCALE)
+
+  decoded = np.asarray(one_step_decoded(ema, vae_params))
+  want = np.clip(np.round(127.5 * decoded + 127.5), 0, 255)
+  tiles = _grid_tiles(os.path.join(workdir, "samples", "2_nfe1.png"), 2, 4)
+  assert np.abs(tiles - want).max() <= 1
+  assert tiles.std() > 1.0
+
+  # FID/IS of 8 samples against reference statistics N(m, s^2 I): then
+  # FID = |mu - m|^2 + tr(S) + d s^2 - 2 s sum(sqrt(eig(S))).
   size, net = 75, inception.FIDInceptionV3()
   inception_file = inception.save_weights(
       inception.random_params(net, size), str(tmp_path / "inception.npz"))
-  ref = str(tmp_path / "ref.npz")
-  npz_export.save_npz(ref, np.stack([
-      _adm_crop(root / "train" / name / f"img{i}.png")
-      for name, sizes in SIZES.items() for i in range(len(sizes))]))
+  dim = inception.FEATURE_DIM
+  m, s = np.full(dim, 0.05), 0.1
+  ref = str(tmp_path / "ref_stats.npz")
+  np.savez(ref, mu=m, sigma=s**2 * np.eye(dim))
+  stats_out = str(tmp_path / "sample_stats.npz")
+  npz_out = str(tmp_path / "samples.npz")
   record = fid_tool.evaluate_fid(
       c, workdir, inception_path=inception_file, ref_stats_path=ref,
       num_samples=8, nfe=1, vae_path=weights, batch_size=8,
-      inception_size=size, num_splits=2)
-  assert record["step"] == 4 and record["num_samples"] == 8
+      inception_size=size, num_splits=2, stats_out=stats_out,
+      npz_out=npz_out)
+  assert record["step"] == 2 and record["num_samples"] == 8
   assert record["vae"] == os.path.abspath(weights) and record["vae_sha256"]
-  assert np.isfinite(record["fid"]) and record["fid"] > 0
-  assert record["inception_score"] >= 1.0
+  with open(os.path.join(workdir, "eval", "fid_2_nfe1.json")) as f:
+    assert json.load(f) == record
+  with np.load(npz_out) as samples:
+    assert samples["arr_0"].shape == (8, 256, 256, 3)
+    assert samples["arr_0"].dtype == np.uint8 and len(samples["arr_1"]) == 8
+  with np.load(stats_out) as stats:
+    mu, sigma = stats["mu"], stats["sigma"]
+  assert mu.shape == (dim,) and sigma.shape == (dim, dim)
+  # S of 8 samples has rank <= 7: its 8 largest eigenvalues are all.
+  eig = sparse_linalg.eigsh(sigma, k=8, return_eigenvectors=False)
+  want_fid = (np.sum((mu - m) ** 2) + np.trace(sigma) + dim * s**2
+              - 2 * s * np.sqrt(np.clip(eig, 0, None)).sum())
+  np.testing.assert_allclose(record["fid"], want_fid, rtol=1e-5)
+  assert 1.0 <= record["inception_score"] <= 8
