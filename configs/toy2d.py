@@ -40,5 +40,8 @@ def get_config(arg=None):
                 batch_size=2000)
   if arg.objective == "shortcut":  # trained on steps 1/2^k, k <= log2 128
     c.eval.nfe = (1, 2, 128)
+  if arg.objective == "sct":  # its learned weight w(t); data std ~1.15
+    c.model.adaptive_weight_dim = 128
+    c.objective.update(sct_sigma_d=1.0, sct_warmup_steps=2000)
   c.sample.update(every_steps=10_000, nfe=1)
   return c

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mf_jax.models import adaptive_weight
 from mf_jax.models import embeddings
 
 LN_EPS = 1e-6
@@ -144,7 +145,7 @@ class DiT(nn.Module):
 
   Parameter tree (top level): x_embedder, {t,r,h}_embedder (per
   `time_inputs`), y_embedder (if num_classes), blocks_0 .. blocks_{depth-1},
-  final_layer.
+  final_layer (+ adaptive_weight: see models/adaptive_weight.py).
   """
   patch_size: int
   hidden_size: int
@@ -155,9 +156,11 @@ class DiT(nn.Module):
   time_inputs: str = "t,h"
   remat: bool = False  # recompute blocks in the backward pass to save memory
   dtype: Any = "float32"  # compute dtype of Dense/Conv; params stay float32
+  adaptive_weight_dim: int = 0  # > 0: a learned loss weight w(t) (sCT)
 
   @nn.compact
-  def __call__(self, z, t, h, y, train: bool = False):
+  def __call__(self, z, t, h, y, train: bool = False,
+               with_logvar: bool = False):
     del train  # no dropout
     b, height, width, channels = z.shape
     p, d = self.patch_size, self.hidden_size
@@ -188,7 +191,9 @@ class DiT(nn.Module):
       x_bnd = block_cls(self.num_heads, self.mlp_ratio, dtype,
                         name=f"blocks_{i}")(x_bnd, c_bd)
     x_bnk = FinalLayer(p * p * channels, dtype, name="final_layer")(x_bnd, c_bd)
-    return unpatchify(x_bnk, grid_h, grid_w, p, channels).astype(z.dtype)
+    u = unpatchify(x_bnk, grid_h, grid_w, p, channels).astype(z.dtype)
+    return adaptive_weight.outputs(u, t, self.adaptive_weight_dim,
+                                   with_logvar)
 
 
 def _variants():
@@ -227,4 +232,5 @@ def from_config(config) -> DiT:
              mlp_ratio=config.get("mlp_ratio", 4.0),
              time_inputs=config.get("time_inputs", "t,h"),
              remat=config.get("remat", False),
-             dtype=config.get("dtype", "float32"), **arch)
+             dtype=config.get("dtype", "float32"),
+             adaptive_weight_dim=config.get("adaptive_weight_dim", 0), **arch)

@@ -10,6 +10,7 @@ and each block starts as the identity.
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mf_jax.models import adaptive_weight
 from mf_jax.models import embeddings
 
 _zeros = nn.initializers.zeros
@@ -54,15 +55,17 @@ class MLP(nn.Module):
 
   Parameter tree (top level): input_proj, {t,r,h}_embedder (per
   `time_inputs`), y_embedder (if num_classes), blocks_0 .. blocks_{depth-1},
-  final_layer.
+  final_layer (+ adaptive_weight: see models/adaptive_weight.py).
   """
   hidden_size: int = 256
   depth: int = 4
   num_classes: int = 0
   time_inputs: str = "t,h"
+  adaptive_weight_dim: int = 0  # > 0: a learned loss weight w(t) (sCT)
 
   @nn.compact
-  def __call__(self, z, t, h, y, train: bool = False):
+  def __call__(self, z, t, h, y, train: bool = False,
+               with_logvar: bool = False):
     del train  # no dropout
     c_bd = embeddings.embed_conditions(
         t, h, y, width=self.hidden_size, num_classes=self.num_classes,
@@ -71,7 +74,8 @@ class MLP(nn.Module):
     for i in range(self.depth):
       x_bd = ResBlock(name=f"blocks_{i}")(x_bd, c_bd)
     x_bd = FinalLayer(z.shape[-1], name="final_layer")(x_bd, c_bd)
-    return x_bd.astype(z.dtype)
+    return adaptive_weight.outputs(x_bd.astype(z.dtype), t,
+                                   self.adaptive_weight_dim, with_logvar)
 
 
 def from_config(config) -> MLP:
@@ -80,4 +84,5 @@ def from_config(config) -> MLP:
   return MLP(hidden_size=config.get("hidden_size", 256),
              depth=config.get("depth", 4),
              num_classes=config.get("num_classes", 0),
-             time_inputs=time_inputs)
+             time_inputs=time_inputs,
+             adaptive_weight_dim=config.get("adaptive_weight_dim", 0))

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mf_jax.models import adaptive_weight
+
 # EDM's initialisations: xavier_uniform, scaled by 1e-5 for the layers that
 # end a residual branch ("init_zero") and by sqrt(0.2) for the qkv projection.
 # variance_scaling takes the square of the weight multiplier.
@@ -161,6 +163,8 @@ class SongUNet(nn.Module):
 
   `augment_labels` (B, augment_dim) are EDM's augmentation parameters of
   each training image; None means "not augmented" (zeros), as at sampling.
+  `adaptive_weight_dim` > 0 adds sCT's learned loss weight
+  (models/adaptive_weight.py).
   """
   img_resolution: int = 32
   out_channels: int = 3
@@ -175,6 +179,7 @@ class SongUNet(nn.Module):
   augment_dim: int = 0
   num_classes: int = 0
   dtype: Any = "float32"  # compute dtype of Dense/Conv; params stay float32
+  adaptive_weight_dim: int = 0  # > 0: a learned loss weight w(t) (sCT)
 
   def _embedding(self, t, h, y, augment_labels):
     noise_channels = self.model_channels * self.channel_mult_noise
@@ -201,7 +206,8 @@ class SongUNet(nn.Module):
     return emb
 
   @nn.compact
-  def __call__(self, z, t, h, y, train: bool = False, augment_labels=None):
+  def __call__(self, z, t, h, y, train: bool = False, augment_labels=None,
+               with_logvar: bool = False):
     if z.shape[1] != self.img_resolution or z.shape[2] != self.img_resolution:
       raise ValueError(f"Input {z.shape[1]}x{z.shape[2]} does not match "
                        f"img_resolution {self.img_resolution}.")
@@ -245,7 +251,8 @@ class SongUNet(nn.Module):
     x = nn.silu(_group_norm(x.shape[-1], 1e-6, f"dec_{res}x{res}_aux_norm")(x))
     x = _conv(self.out_channels, 3, dtype, f"dec_{res}x{res}_aux_conv",
               _init_zero)(x)
-    return x.astype(z.dtype)
+    return adaptive_weight.outputs(x.astype(z.dtype), t,
+                                   self.adaptive_weight_dim, with_logvar)
 
 
 def from_config(config) -> SongUNet:
@@ -272,4 +279,5 @@ def from_config(config) -> SongUNet:
       resample_filter=tuple(get("resample_filter", (1, 3, 3, 1))),
       augment_dim=get("augment_dim", 0),
       num_classes=get("num_classes", 0),
-      dtype=get("dtype", "float32"))
+      dtype=get("dtype", "float32"),
+      adaptive_weight_dim=get("adaptive_weight_dim", 0))
