@@ -450,7 +450,8 @@ def _features(feature_fn, params, images, mesh, batch: int = 16):
   for start in range(0, len(images), batch):
     chunk = images[start:start + batch]
     padded = np.resize(chunk, (batch, *chunk.shape[1:]))
-    pool, _ = feature_fn(params, fid_eval._global_batch(padded, mesh))  # pylint: disable=protected-access
+    global_batch = fid_eval._global_batch(padded, mesh)  # pylint: disable=protected-access
+    pool, _ = feature_fn(params, global_batch)
     out.append(np.asarray(pool)[:len(chunk)])
   return np.concatenate(out).astype(np.float64)
 
