@@ -86,9 +86,12 @@ def base_config() -> ml_collections.ConfigDict:
   # random_flip (ImageNet latents): read a random one of the plain and the
   # mirrored crop's latents; False reads the plain one only, as the official
   # MeanFlow runs (no flips). TFDS images are always flipped, digits never.
+  # pairs_dir: a teacher's (noise, sample) pairs (tools/make_pairs.py) to
+  # train on instead of data.name's examples (reflow); data.name still
+  # names what evaluation compares samples with.
   c.data = ml_collections.ConfigDict(dict(
       name="digits", tfds_data_dir="", latents_dir="", vae="",
-      shuffle_seed=0, augment_p=0.0, random_flip=True))
+      shuffle_seed=0, augment_p=0.0, random_flip=True, pairs_dir=""))
 
   # Mesh axis sizes; -1 takes the remaining devices. Parameters (and their
   # optimizer moments and EMA copies) with at least fsdp_min_size elements

@@ -14,6 +14,8 @@ Batches are dicts: 'x' float32 data (NHWC images in [-1, 1], or (B, D)
 points) and 'y' int32 class labels (zeros for unconditional data); image
 batches for a model with `augment_dim` also carry 'augment_labels' (B, 6),
 EDM's augmentation parameters (data/augment.py, probability data.augment_p).
+With `data.pairs_dir` the examples are a teacher's pairs instead (reflow,
+data/pairs.py): batches {'x': sample, 'e': its noise, 'y'}, not augmented.
 """
 
 import os
@@ -25,6 +27,7 @@ import numpy as np
 from mf_jax.data import augment
 from mf_jax.data import digits
 from mf_jax.data import latents
+from mf_jax.data import pairs
 from mf_jax.data import toy2d
 
 TFDS_DATASETS = ("cifar10", "mnist", "fashion_mnist", "svhn_cropped")
@@ -137,7 +140,10 @@ def make_train_iterator(config, rows=None,
   if rows is None:
     rows = default_rows(config.training.batch_size)
   kind = dataset_kind(config.data.name)
-  if kind == "toy2d":
+  if config.data.get("pairs_dir"):  # a teacher's (noise, sample) pairs
+    ds = pairs.examples(config.data.pairs_dir, config.data.shuffle_seed)
+    ds = _process_share(ds, rows, config.training.batch_size)
+  elif kind == "toy2d":
     ds = _toy2d_dataset(config, rows)
   elif kind == "digits":
     images, labels = digits.load("train")

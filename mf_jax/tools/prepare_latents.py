@@ -67,14 +67,16 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def _check_or_write_manifest(output: str, manifest: dict):
-  """Process 0 writes the manifest; a resume must match what was started."""
+def check_or_write_manifest(output: str, manifest: dict,
+                            resume_keys=_RESUME_KEYS):
+  """Process 0 writes the manifest; a resume must match what was started
+  in `resume_keys` (make_pairs passes its own)."""
   path = epath.Path(output) / latents.MANIFEST
   if path.exists():
     old = files.read_json(path)
-    changed = [k for k in _RESUME_KEYS if old.get(k) != manifest[k]]
+    changed = [k for k in resume_keys if old.get(k) != manifest[k]]
     if changed:
-      raise ValueError(f"{output} holds latents made with different "
+      raise ValueError(f"{output} holds shards made with different "
                        f"{changed}; use a new --output directory.")
   elif jax.process_index() == 0:
     _atomic_write(path, json.dumps(manifest, indent=2).encode())
@@ -110,9 +112,10 @@ def _load(source, index: int, size: int):
   return imagenet.center_crop(image, size), label
 
 
-def _write_shard(path: str, labels, moments, dtype):
-  """Writes to a local temporary file (array_record writes local files
-  only), then publishes it under `path`, local or remote."""
+def write_shard(path: str, labels, moments, dtype):
+  """Writes records `label + moments[i]` (latents.encode_record) to a local
+  temporary file (array_record writes local files only), then publishes it
+  under `path`, local or remote: it appears complete or not at all."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   if files.is_remote(path):
     fd, tmp = tempfile.mkstemp(suffix=".array_record")
@@ -155,7 +158,7 @@ def prepare(vae: str, source: str, output: str, limit: int | None = None,
       "num_classes": len(getattr(images, "classes", ())) or 1000,
   }
   epath.Path(output).mkdir(parents=True, exist_ok=True)
-  _check_or_write_manifest(output, manifest)
+  check_or_write_manifest(output, manifest)
 
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)),
                             devices=jax.local_devices())
@@ -190,8 +193,8 @@ def prepare(vae: str, source: str, output: str, limit: int | None = None,
         labels.extend(batch_labels)
         progress.update(len(crops))
       shard = epath.Path(output) / latents.shard_name(k, num_shards)
-      _write_shard(str(shard), labels, np.concatenate(moments),
-                   np.dtype(dtype))
+      write_shard(str(shard), labels, np.concatenate(moments),
+                  np.dtype(dtype))
   return manifest
 
 
