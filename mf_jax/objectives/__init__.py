@@ -31,6 +31,7 @@ from mf_jax.objectives import ect
 from mf_jax.objectives import flow_matching
 from mf_jax.objectives import ict
 from mf_jax.objectives import meanflow
+from mf_jax.objectives import reflow
 from mf_jax.objectives import sct
 from mf_jax.objectives import shortcut
 from mf_jax.objectives import time_samplers
@@ -44,6 +45,7 @@ OBJECTIVES: dict[str, types.ModuleType] = {
     "flow_matching": flow_matching,
     "ict": ict,
     "meanflow": meanflow,
+    "reflow": reflow,
     "sct": sct,
     "shortcut": shortcut,
 }

@@ -69,15 +69,22 @@ def draw(rng, batch, config, num_classes, context=None):
           "dropout": common.dropout_rng(rng)}
 
 
-def terms(u_fn, params, batch, draws, config, num_classes) -> dict:
+def terms(u_fn, params, batch, draws, config, num_classes,
+          context=None) -> dict:
   """Every intermediate of the loss, deterministic given `draws`.
 
   z_t and v from the draws; the guided velocity v_g (label-dropped rows keep
   the unguided v: they learn the unconditional field); u and du/dt along
   v_g; the target sg(v_g - (t - r) du/dt) and the per-sample squared error.
+  Distillation: with a teacher (objective.teacher) v is its velocity at
+  h = 0 instead of e - x, the conditional velocity's mean given z_t (lower
+  variance targets); dropped rows ask it with the null label.
   """
   t, r, dropped = draws["t"], draws["r"], draws["dropped"]
   z, v = common.interpolate(batch["x"], draws["e"], t)
+  if context is not None and context.teacher is not None:
+    v = context.teacher(z, t, jnp.zeros_like(t), common.drop_labels(
+        batch["y"], dropped, num_classes))
   v_g = guidance.guided_velocity(u_fn, params, z, t, batch["y"], v, config,
                                  num_classes)
   v_g = jnp.where(common.broadcast_to(dropped, v), v, v_g)
@@ -94,8 +101,7 @@ def terms(u_fn, params, batch, draws, config, num_classes) -> dict:
 
 def loss(u_fn, params, batch, draws, config, num_classes, context=None):
   """Returns (scalar loss, metrics) for one batch {'x', 'y'}."""
-  del context
-  out = terms(u_fn, params, batch, draws, config, num_classes)
+  out = terms(u_fn, params, batch, draws, config, num_classes, context)
   value, weight_b = common.adaptive_weighted_loss(
       out["sq_error"], config.adaptive_p, config.adaptive_eps)
   return value, {
