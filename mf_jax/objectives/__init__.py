@@ -25,12 +25,16 @@ import types
 import jax
 
 from mf_jax.objectives import alpha_flow
+from mf_jax.objectives import ayf
+from mf_jax.objectives import cd
 from mf_jax.objectives import common
 from mf_jax.objectives import ct
+from mf_jax.objectives import ctm
 from mf_jax.objectives import ect
 from mf_jax.objectives import flow_matching
 from mf_jax.objectives import ict
 from mf_jax.objectives import meanflow
+from mf_jax.objectives import scd
 from mf_jax.objectives import reflow
 from mf_jax.objectives import sct
 from mf_jax.objectives import shortcut
@@ -40,11 +44,15 @@ Context = common.Context
 
 OBJECTIVES: dict[str, types.ModuleType] = {
     "alpha_flow": alpha_flow,
+    "ayf": ayf,
+    "cd": cd,
     "ct": ct,
+    "ctm": ctm,
     "ect": ect,
     "flow_matching": flow_matching,
     "ict": ict,
     "meanflow": meanflow,
+    "scd": scd,
     "reflow": reflow,
     "sct": sct,
     "shortcut": shortcut,

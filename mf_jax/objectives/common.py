@@ -83,11 +83,15 @@ class Context(flax.struct.PyTreeNode):
   `ema_params` (keyed like the train state's, e.g. '0.9999') or the
   objective's own `target_params` (see objectives.make_target_update).
   Distillation objectives call `teacher(z, t, h, y)`, a frozen network's
-  average velocity (training/teacher.py), None without `objective.teacher`.
+  average velocity (training/teacher.py), None without `objective.teacher`;
+  `teacher_weak` likewise, a weaker checkpoint of it for autoguidance
+  (`objective.teacher_weak`), None without one.
   """
   step: jax.Array
   ema_params: dict = flax.struct.field(default_factory=dict)
   target_params: Any = flax.struct.field(default_factory=dict)
   teacher: Callable | None = flax.struct.field(pytree_node=False,
                                                default=None)
+  teacher_weak: Callable | None = flax.struct.field(pytree_node=False,
+                                                    default=None)
   num_steps: int = flax.struct.field(pytree_node=False, default=0)

@@ -30,13 +30,16 @@ def train_step(state: TrainState, batch, rng, frozen, *, loss_fn, tx,
   """
   rng = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  teacher = None
+  teacher = teacher_weak = None
   if teacher_apply is not None:  # frozen parameters, never differentiated
     teacher = functools.partial(teacher_apply,
                                 jax.lax.stop_gradient(frozen["teacher"]))
+    if getattr(teacher_apply, "weak", None) is not None:  # autoguidance
+      teacher_weak = functools.partial(
+          teacher_apply.weak, jax.lax.stop_gradient(frozen["teacher_weak"]))
   context = objectives.Context(step=state.step, ema_params=state.ema_params,
                                target_params=state.target_params,
-                               teacher=teacher)
+                               teacher=teacher, teacher_weak=teacher_weak)
   (loss, metrics), grads = grad_fn(state.params, batch, rng, context)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -21,20 +21,29 @@ TeacherApply = Callable[..., jax.Array]
 
 
 def check(config):
-  """A named teacher exists and fits the student's data: one line if not."""
-  path = config.objective.get("teacher", "")
-  if not path:
-    return
+  """Named teachers exist and fit the student's data: one line if not.
+  `objective.teacher_weak` (autoguidance) is checked like the teacher."""
+  if (config.objective.get("teacher_weak", "")
+      and not config.objective.get("teacher", "")):
+    raise ValueError("objective.teacher_weak is set without "
+                     "objective.teacher: it guides a teacher; name one.")
+  for name in ("teacher", "teacher_weak"):
+    path = config.objective.get(name, "")
+    if path:
+      _check_file(config, name, path)
+
+
+def _check_file(config, name: str, path: str):
   if not files.exists(path):
     raise FileNotFoundError(
-        f"objective.teacher={path!r} does not exist; name an exported "
+        f"objective.{name}={path!r} does not exist; name an exported "
         "network (python -m mf_jax.tools.export ...).")
   teacher = export.model_config(export.read_meta(path))
   for field in ("in_channels", "input_size"):
     ours, theirs = config.model.get(field), teacher.get(field)
     if ours is not None and theirs is not None and ours != theirs:
       raise ValueError(
-          f"objective.teacher={path!r} has model.{field}={theirs}, the "
+          f"objective.{name}={path!r} has model.{field}={theirs}, the "
           f"student {ours}: a teacher must take the student's inputs.")
 
 
@@ -44,12 +53,28 @@ def load(config, mesh) -> tuple[TeacherApply | None, dict]:
 
   With `objective.teacher_cfg_scale` s != 1 a class-conditional teacher is
   guided: u_null + s (u_y - u_null), both at the same (z, t, h).
+  With `objective.teacher_weak` (autoguidance), frozen['teacher_weak'] holds
+  its parameters and `apply.weak` its apply (it may be another network).
   """
   path = config.objective.get("teacher", "")
   if not path:
     return None, {}
-  model, params, meta = export.load_params(path)
   scale = config.objective.get("teacher_cfg_scale", 1.0)
+  apply, params = _load_one(path, scale)
+  frozen = {"teacher": params}
+  weak_path = config.objective.get("teacher_weak", "")
+  if weak_path:
+    apply.weak, frozen["teacher_weak"] = _load_one(weak_path, scale)
+  min_size = config.mesh.get("fsdp_min_size", sharding.FSDP_MIN_SIZE)
+  return apply, {
+      name: jax.device_put(params, sharding.tree_shardings(params, mesh,
+                                                           min_size))
+      for name, params in frozen.items()}
+
+
+def _load_one(path: str, scale: float):
+  """(apply(params, z, t, h, y), host parameters) of one export."""
+  model, params, meta = export.load_params(path)
   null_class = meta.get("num_classes", 0)
 
   def apply(params, z, t, h, y):
@@ -61,9 +86,7 @@ def load(config, mesh) -> tuple[TeacherApply | None, dict]:
     u_null = u(jnp.full_like(y, null_class))
     return u_null + scale * (u_y - u_null)
 
-  shardings = sharding.tree_shardings(
-      params, mesh, config.mesh.get("fsdp_min_size", sharding.FSDP_MIN_SIZE))
-  return apply, {"teacher": jax.device_put(params, shardings)}
+  return apply, params
 
 
 def abstract(frozen: dict) -> Any:
