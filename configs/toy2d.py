@@ -43,5 +43,8 @@ def get_config(arg=None):
   if arg.objective == "sct":  # its learned weight w(t); data std ~1.15
     c.model.adaptive_weight_dim = 128
     c.objective.update(sct_sigma_d=1.0, sct_warmup_steps=2000)
+  if arg.objective == "score_sde":  # its three samplers, 100 steps each
+    c.eval.nfe = ("em100", "pc100", "ode")
+    c.sample.nfe = 100  # Euler-Maruyama
   c.sample.update(every_steps=10_000, nfe=1)
   return c

@@ -51,8 +51,11 @@ DOPRI5_NFE_AT_START = 1
 @dataclasses.dataclass(frozen=True)
 class Solver:
   """A schedule that names its integrator of the instantaneous velocity:
-  'euler16' and 'heun8' take that many uniform steps, 'ode' is adaptive."""
-  method: str  # "euler", "heun" or "ode"
+  'euler16' and 'heun8' take that many uniform steps, 'ode' is adaptive;
+  or a score SDE's reverse-SDE sampler, 'em100' (Euler-Maruyama) and
+  'pc100' (predictor-corrector), which only score_sde runs take
+  (sde_samplers.py)."""
+  method: str  # "euler", "heun", "ode", or "em", "pc" (score SDEs)
   steps: int = 0  # 0 for "ode"
 
   @property
@@ -60,7 +63,8 @@ class Solver:
     return "ode" if self.method == "ode" else f"{self.method}{self.steps}"
 
 
-_FIXED_SOLVER = re.compile(r"(euler|heun)(\d+)")
+_FIXED_SOLVER = re.compile(r"(euler|heun|em|pc)(\d+)")
+SDE_METHODS = ("em", "pc")
 
 
 def uniform_timesteps(num_steps: int) -> jax.Array:
@@ -94,7 +98,8 @@ def parse_schedule(spec: int | str) -> tuple[float, ...] | int | Solver:
       or any(a <= b for a, b in zip(times, times[1:]))):
     raise ValueError(f"Sampling schedule {spec!r} must be a step count, "
                      "times that descend from 1 to 0 (e.g. '1,0.6,0'), "
-                     "'eulerN', 'heunN' or 'ode'.")
+                     "'eulerN', 'heunN', 'ode' (or 'emN', 'pcN' for "
+                     "score SDEs).")
   return times
 
 
@@ -131,7 +136,7 @@ def fixed_nfe(spec: int | str) -> int | None:
     return len(parsed) - 1
   if parsed.method == "ode":
     return None
-  return parsed.steps * (2 if parsed.method == "heun" else 1)
+  return parsed.steps * (2 if parsed.method in ("heun", "pc") else 1)
 
 
 def _velocity(u_fn, params, z, t, labels):
@@ -259,6 +264,9 @@ def sample(u_fn, params, noise, labels, spec: int | str, sampler: str,
   samplers that draw noise as they go (module docstring)."""
   parsed = parse_schedule(spec)
   if isinstance(parsed, Solver):
+    if parsed.method in SDE_METHODS:
+      raise ValueError(f"Sampling schedule {spec!r} is a score SDE's "
+                       "sampler: only objective.name=score_sde takes it.")
     if parsed.method == "ode":
       return ode_sample(u_fn, params, noise, labels, rtol, atol)
     fn, times = SAMPLERS[parsed.method], uniform_timesteps(parsed.steps)

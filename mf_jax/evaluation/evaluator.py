@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from mf_jax import objectives
 from mf_jax import samplers
+from mf_jax import sde_samplers
 from mf_jax import sharding
 from mf_jax.data import pipeline
 from mf_jax.data import toy2d
@@ -33,6 +34,7 @@ class Evaluator:
     self.config = config
     self.kind = pipeline.dataset_kind(config.data.name)
     self.sampler = objectives.get(config.objective.name).SAMPLER
+    self._sde = sde_samplers.sde_of(config)  # score SDEs: their samplers
     self.mesh = mesh
     self.input_shape = input_shape
     sharding.check_batch_size(config.eval.batch_size, mesh,
@@ -51,6 +53,7 @@ class Evaluator:
       if isinstance(value, bool) or not (isinstance(value, (int, float))
                                          and value > 0):
         raise ValueError(f"eval.{name}={value!r} must be a number > 0.")
+    sde_samplers.check_schedules(c.nfe, self._sde)
     solvers = [spec for spec in c.nfe if isinstance(
         samplers.parse_schedule(spec), samplers.Solver)]
     if c.get("inception") and solvers:
@@ -64,7 +67,9 @@ class Evaluator:
     noise = jax.lax.with_sharding_constraint(
         noise, sharding.batch_sharding(self.mesh))
     c = self.config.eval
-    return samplers.sample(
+    sample = (samplers.sample if self._sde is None else
+              functools.partial(sde_samplers.sample, sde=self._sde))
+    return sample(
         u_fn, params, noise, labels, schedule, self.sampler,
         rtol=c.get("ode_rtol", samplers.ODE_RTOL),
         atol=c.get("ode_atol", samplers.ODE_ATOL),

@@ -37,6 +37,7 @@ from mf_jax.objectives import meanflow
 from mf_jax.objectives import scd
 from mf_jax.objectives import reflow
 from mf_jax.objectives import sct
+from mf_jax.objectives import score_sde
 from mf_jax.objectives import shortcut
 from mf_jax.objectives import time_samplers
 
@@ -55,6 +56,7 @@ OBJECTIVES: dict[str, types.ModuleType] = {
     "scd": scd,
     "reflow": reflow,
     "sct": sct,
+    "score_sde": score_sde,
     "shortcut": shortcut,
 }
 
