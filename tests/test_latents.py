@@ -240,6 +240,7 @@ def test_trial_config_runs_end_to_end(prepared, tmp_path):
   c.model.update(variant="", hidden_size=32, depth=1, num_heads=2,
                  patch_size=4)
   c.data.update(latents_dir=out, vae=weights)
+  c.mesh.num_devices = 1  # a CPU host has one device (the tests fake 8)
   c.training.batch_size = 8
   c.checkpoint.update(every_steps=2, async_save=False)
   c.sample.update(every_steps=2, grid_size=2)
