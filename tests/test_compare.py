@@ -1,0 +1,123 @@
+"""The compare tool end to end: two objectives, a few steps, one dataset.
+
+Checks what it writes against the runs' own files (each run's eval JSON,
+the figure's grid) and that a second call reuses the finished runs.
+"""
+
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mf_jax import objectives
+from mf_jax.tools import compare
+
+STEPS = 4
+OBJECTIVES = ["flow_matching", "meanflow"]
+# A small network on one device: this test is about the files, not the
+# models (the suite's own schedule is for full runs).
+TINY = {"model.hidden_size": "32", "model.depth": "1",
+        "training.batch_size": "64", "eval.batch_size": "64",
+        "mesh.num_devices": "1"}
+
+
+def _table_rows(table: str, heading: str) -> list[list[str]]:
+  """The cells of the markdown table under `heading`, header first."""
+  lines = table.split(heading, 1)[1].splitlines()[1:]
+  rows = []
+  for line in lines:
+    if rows and not line.startswith("|"):
+      break
+    if line.startswith("|"):
+      rows.append([cell.strip() for cell in line.strip("|").split("|")])
+  return [rows[0]] + rows[2:]  # without the |---| line
+
+
+def _mtimes(folder) -> dict:
+  return {os.path.join(root, name): os.path.getmtime(os.path.join(root, name))
+          for root, _, names in os.walk(folder) for name in names}
+
+
+def _needs_a_teacher(config):
+  raise ValueError(f"objective.name={config.objective.name} distils a "
+                   "teacher: set objective.teacher=FILE.")
+
+
+# An objective the suite's config cannot train as it is.
+DISTILLED = types.SimpleNamespace(SAMPLER="flow_map", validate=_needs_a_teacher)
+
+
+def test_compare_writes_its_files_and_reuses_finished_runs(tmp_path,
+                                                            monkeypatch):
+  out = str(tmp_path / "family")
+  # The default list: every objective; this one is left out, with why.
+  monkeypatch.setitem(objectives.OBJECTIVES, "distilled", DISTILLED)
+  monkeypatch.setattr(compare, "default_objectives",
+                      lambda: OBJECTIVES + ["distilled"])
+  kwargs = dict(steps=STEPS, num_samples=64, datasets=["checkerboard"],
+                overrides=TINY)
+  compare.compare("toy2d", out, **kwargs)
+
+  saved = json.load(open(os.path.join(out, "results.json")))
+  table = open(os.path.join(out, "table.md")).read()
+  rows = _table_rows(table, "## checkerboard: energy_distance")
+  assert rows[0] == ["objective", "1 NFE", "2 NFE", "4 NFE", "ode",
+                     "step FLOPs vs flow matching"]
+  assert [row[0] for row in rows[1:]] == OBJECTIVES
+  for row in rows[1:]:
+    objective = row[0]
+    run_dir = os.path.join(out, objective, "checkerboard")
+    scores = json.load(open(os.path.join(run_dir, "eval", f"{STEPS}.json")))
+    assert saved["runs"][objective]["checkerboard"]["eval"] == scores
+    for cell, nfe in zip(row[1:4], (1, 2, 4)):
+      assert float(cell) == pytest.approx(
+          scores[f"nfe{nfe}/energy_distance"], rel=1e-3)
+    value, nfe_used = row[4].removesuffix(" NFE)").split(" (")
+    assert float(value) == pytest.approx(scores["ode/energy_distance"],
+                                         rel=1e-3)
+    # Dopri5: 1 evaluation to start, 6 per step.
+    assert int(nfe_used) == round(scores["ode/nfe_used"])
+    assert (scores["ode/nfe_used"] - 1) % 6 == 0
+  assert "- distilled: objective.name=distilled distils a teacher" in table
+  assert list(saved["left_out"]) == ["distilled"]
+  flops = {row[0]: float(row[5]) for row in rows[1:]}
+  # MeanFlow's step adds a JVP to flow matching's forward and backward.
+  assert flops["flow_matching"] == 1.0 and flops["meanflow"] > 1.1
+
+  # One row of cells per objective, one column per NFE, each with points.
+  picture = np.asarray(Image.open(os.path.join(out, "samples.png"))
+                       .convert("L"))
+  cell = int(compare.CELL_INCHES * compare.DPI)
+  assert picture.shape == (2 * cell, len(compare.NFES) * cell)
+  for i in range(2):
+    for j in range(len(compare.NFES)):
+      block = picture[i * cell:(i + 1) * cell, j * cell:(j + 1) * cell]
+      assert (block < 100).sum() > 100, (i, j)
+
+  before = _mtimes(out)
+  again = compare.compare("toy2d", out, **kwargs)
+  after = _mtimes(out)
+  runs = [os.path.join(out, o, "checkerboard") for o in OBJECTIVES]
+  for path, mtime in before.items():
+    if any(path.startswith(run) for run in runs):
+      assert after[path] == mtime, path  # nothing retrained or rescored
+  assert all(again["runs"][o]["checkerboard"]["reused"] for o in OBJECTIVES)
+  assert open(os.path.join(out, "table.md")).read() == table
+
+
+def test_bad_input_fails_before_training(tmp_path, monkeypatch):
+  # Named on the command line, an objective that cannot run is an error.
+  monkeypatch.setitem(objectives.OBJECTIVES, "distilled", DISTILLED)
+  with pytest.raises(ValueError, match="distils a teacher"):
+    compare.compare("toy2d", str(tmp_path), ["distilled"])
+  with pytest.raises(ValueError, match="Unknown objective.name 'meanfow'"):
+    compare.compare("toy2d", str(tmp_path), ["meanfow"])
+  with pytest.raises(ValueError, match="not in suite toy2d"):
+    compare.compare("toy2d", str(tmp_path), datasets=["digits"])
+  with pytest.raises(ValueError, match="no such field"):
+    compare.compare("toy2d", str(tmp_path), ["meanflow"],
+                    overrides={"model.widht": "3"})
+  assert not os.listdir(tmp_path)
