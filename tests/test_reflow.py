@@ -15,6 +15,7 @@ from mf_jax import models
 from mf_jax import objectives
 from mf_jax import sharding
 from mf_jax.data import pairs
+from mf_jax.data import pipeline
 from mf_jax.objectives import common
 from mf_jax.objectives import meanflow
 from mf_jax.objectives import reflow
@@ -265,8 +266,11 @@ def test_bad_input_is_one_line(mlp_export, tmp_path):
   with pytest.raises(ValueError, match="set data.pairs_dir"):
     objectives.validate(config)
   config.data.pairs_dir = str(tmp_path / "nothing")
+  objectives.validate(config)  # evaluation and export need no pairs
   with pytest.raises(FileNotFoundError, match="make_pairs"):
-    objectives.validate(config)
+    init_from.path_of(config)  # a fresh run starts from their teacher
+  with pytest.raises(FileNotFoundError, match="make_pairs"):
+    pipeline.make_train_iterator(config)
   config.data.pairs_dir = _pairs_dir(tmp_path, path, shape=(8, 8, 1))
   with pytest.raises(ValueError, match=r"shape \(8, 8, 1\).*in_channels=2"):
     objectives.validate(config)

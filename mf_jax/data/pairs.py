@@ -39,8 +39,12 @@ def decode_record(record: bytes, shape) -> tuple[int, np.ndarray, np.ndarray]:
   return int(label), arrays[0], arrays[1]
 
 
+def exists(pairs_dir: str) -> bool:
+  return bool(pairs_dir) and files.exists(epath.Path(pairs_dir) / MANIFEST)
+
+
 def read_manifest(pairs_dir: str) -> dict:
-  if not pairs_dir or not files.exists(epath.Path(pairs_dir) / MANIFEST):
+  if not exists(pairs_dir):
     raise FileNotFoundError(
         f"No pairs in data.pairs_dir={pairs_dir!r} (no {MANIFEST}); make "
         f"them with: {MAKE_COMMAND}")
