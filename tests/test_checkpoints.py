@@ -290,7 +290,7 @@ def test_full_disk_stops_with_the_cause_on_the_last_line(tmp_path):
     subprocess.run(["umount", workdir], check=False)
 
 
-def wait_for_logged_step(workdir, proc, step, timeout=120):
+def wait_for_logged_step(workdir, proc, step, timeout=300):
   path = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + timeout
   while time.time() < deadline:
@@ -310,7 +310,7 @@ def test_sigint_and_sighup_save_then_exit(tmp_path, signum):
              "--config.checkpoint.every_steps=0", wait=False)
   wait_for_logged_step(workdir, proc, 3)
   proc.send_signal(signum)
-  _, err = proc.communicate(timeout=120)
+  _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   (stopped,) = [int(n) for n in entries(workdir)]
   assert 3 <= stopped < 100_000

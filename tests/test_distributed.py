@@ -226,7 +226,7 @@ def _two_processes(command, **extra):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for i in range(2)]
   return [(p.returncode, out, err) for p in procs
-          for out, err in [p.communicate(timeout=120)]]
+          for out, err in [p.communicate(timeout=300)]]
 
 
 def test_two_processes_without_a_coordinator_fail_fast(tmp_path):

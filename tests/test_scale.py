@@ -306,7 +306,7 @@ def test_sigterm_saves_the_step_it_stopped_at(tmp_path):
     assert proc.poll() is None, proc.stderr.read()[-3000:]
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
+  _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   (stopped,) = checkpoint_steps(workdir)
   assert stopped == logged(workdir)[-1]["step"] >= 3
