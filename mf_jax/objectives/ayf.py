@@ -168,8 +168,9 @@ def loss(u_fn, params, batch, draws, config, num_classes, context):
   sq = common.per_sample_sq_error(u, jax.lax.stop_gradient(u - g))
   value = jnp.mean(sq)
   metrics = {"loss": value, "mse": jnp.mean(jnp.square(g_norm)),
-             "tangent_norm": jnp.mean(g_norm), "warmup": out["warmup"],
-             "guidance": jnp.mean(draws["guidance"])}
+             "tangent_norm": jnp.mean(g_norm), "warmup": out["warmup"]}
+  if context.teacher_weak is not None:
+    metrics["guidance"] = jnp.mean(draws["guidance"])
   if "v" in out:
     metrics["v_mse"] = jnp.mean(common.per_sample_sq_error(
         jax.lax.stop_gradient(u), out["v"]))
