@@ -9,12 +9,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy import stats
 
 from configs import toy2d
 from mf_jax import config_lib
 from mf_jax import export
+from mf_jax import models
 from mf_jax import objectives
 from mf_jax import samplers
 from mf_jax.objectives import consistency
@@ -22,7 +24,7 @@ from mf_jax.objectives import ct
 from mf_jax.objectives import ect
 from mf_jax.objectives import ict
 from mf_jax.training import init_from
-from mf_jax.training import trainer
+from mf_jax.training import state as state_lib
 from tests.gaussian_flow import exact_u, MU, S
 
 GRID = (0.002, 80.0, 7.0)  # sigma_min, sigma_max, rho
@@ -318,7 +320,8 @@ def test_ct_draws_adjacent_levels_of_the_step_grid():
   cfg = _config("ct").objective
   batch = {"x": jnp.zeros((4096, 2)), "y": jnp.zeros((4096,), jnp.int32)}
   for step, n in ((0, 2), (10, 16)):  # the hand values of the test above
-    draws = ct.draw(jax.random.key(step), batch, cfg, 0, _context(step))
+    draws = jax.jit(lambda rng, k: ct.draw(rng, batch, cfg, 0, _context(k)))(
+        jax.random.key(step), step)
     grid = np.asarray(consistency.karras_sigmas(n, *GRID))
     hi = np.searchsorted(grid, np.asarray(draws["sigma"]) * (1 - 1e-5))
     np.testing.assert_allclose(draws["sigma"], grid[hi], rtol=1e-5)
@@ -331,7 +334,8 @@ def test_ct_draws_adjacent_levels_of_the_step_grid():
 def test_ict_draws_follow_the_lognormal_index_distribution():
   cfg = _config("ict").objective
   batch = {"x": jnp.zeros((20_000, 2)), "y": jnp.zeros((20_000,), jnp.int32)}
-  draws = ict.draw(jax.random.key(3), batch, cfg, 0, _context(150))
+  draws = jax.jit(lambda rng: ict.draw(rng, batch, cfg, 0, _context(150)))(
+      jax.random.key(3))
   n = 21  # K' = 125: step 150 is the second stage, 20 intervals
   grid = np.asarray(consistency.karras_sigmas(n, *GRID))
   lo = np.searchsorted(grid, np.asarray(draws["sigma_next"]) * (1 - 1e-5))
@@ -373,35 +377,88 @@ def test_bad_settings_are_one_line_errors(name, change, message):
 # objective.init_from: a fresh run starts from an export's weights.
 
 
-def _toy_experiment(tmp_path, objective, hidden=32, init_from=""):
+def _toy_state(objective, hidden=32, init_from=""):
+  """A toy2d config with a small MLP and a fresh train state for it."""
   c = toy2d.get_config(f"objective={objective}")
   c.model.update(hidden_size=hidden, depth=2)
   c.objective.init_from = init_from
-  return c, trainer.Experiment(c, str(tmp_path / f"run{hidden}"))
+  state = state_lib.init_state(
+      jax.random.key(0), models.build_model(c.model), optax.adam(1e-3),
+      state_lib.model_input_shape(c.model), c.training.ema_decays,
+      with_target=objectives.has_target(c))
+  return c, state
 
 
 def test_init_from_an_export_sets_params_ema_and_target(tmp_path):
-  c, exp = _toy_experiment(tmp_path, "ct")
-  donor = jax.tree.map(lambda p: np.asarray(p) + 0.5,
-                       exp.new_state().params)
+  c, fresh = _toy_state("ct")
+  donor = jax.tree.map(lambda p: np.asarray(p) + 0.5, fresh.params)
   path = str(tmp_path / "fm.safetensors")
   export.save(path, donor, c.model, source="test")
   c.objective.init_from = path
-  state = init_from.initial_state(exp.new_state(), c)
+  state = init_from.initial_state(fresh, c)
   for tree in (state.params, *state.ema_params.values(), state.target_params):
     for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(donor)):
       np.testing.assert_array_equal(got, want)
   # Without init_from the state is left as it is.
   c.objective.init_from = ""
-  fresh = exp.new_state()
   assert init_from.initial_state(fresh, c) is fresh
 
 
 def test_init_from_an_export_of_another_model_is_one_line(tmp_path):
-  c_small, small = _toy_experiment(tmp_path, "ect", hidden=16)
+  c_small, small = _toy_state("ect", hidden=16)
   path = str(tmp_path / "small.safetensors")
-  export.save(path, small.new_state().params, c_small.model)
-  c, exp = _toy_experiment(tmp_path, "ect", hidden=32, init_from=path)
+  export.save(path, small.params, c_small.model)
+  c, state = _toy_state("ect", hidden=32, init_from=path)
   with pytest.raises(ValueError, match="does not fit this run's model") as e:
-    init_from.initial_state(exp.new_state(), c)
+    init_from.initial_state(state, c)
   assert "\n" not in str(e.value)
+
+
+def _gaussian_family(params, z, t, h, y, train):
+  """u = a(t) z + b(t), a and b quartic in t: the exact consistency
+  function of Gaussian data (f = MU + S xi, linear in z) is close to it."""
+  del h, y, train
+  powers = jnp.stack([t**k for k in range(5)], axis=-1)
+  return (powers @ params["a"])[:, None] * z + (powers @ params["b"])[:, None]
+
+
+@pytest.mark.parametrize("name", ["ict", "ect"])
+def test_training_on_gaussian_data_reaches_its_mean_and_std(name):
+  # From f(z, t) = z (u = 0: 1-NFE samples N(0, 1)) towards N(MU, S^2).
+  c = _config(name)
+  c.training.num_steps = 1000
+  c.model.num_classes = 0
+  loss_fn = objectives.make_loss_fn(c, _gaussian_family)
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def train():
+    def step(k, carry):
+      params, opt = carry
+      rng = jax.random.key(k)
+      x = MU + S * jax.random.normal(jax.random.fold_in(rng, 1), (1024, 1))
+      batch = {"x": x, "y": jnp.zeros((1024,), jnp.int32)}
+      grads, _ = jax.grad(loss_fn, has_aux=True)(
+          params, batch, rng, objectives.Context(step=k))
+      updates, opt = tx.update(grads, opt)
+      return optax.apply_updates(params, updates), opt
+    params0 = {"a": jnp.zeros(5), "b": jnp.zeros(5)}
+    return jax.lax.fori_loop(0, 1000, step, (params0, tx.init(params0)))[0]
+
+  params = train()
+  noise = jax.random.normal(jax.random.key(99), (20_000, 1))
+  labels = jnp.zeros((20_000,), jnp.int32)
+  for schedule in (1, "1,0.45,0"):
+    x = np.asarray(samplers.sample(_gaussian_family, params, noise, labels,
+                                   schedule, "consistency",
+                                   rng=jax.random.key(5))[0])
+    assert abs(x.mean() - MU) < 0.15 and abs(x.std() - S) < 0.12, (
+        schedule, x.mean(), x.std())
+
+
+def test_ct_with_mu0_zero_targets_the_online_network():
+  c = _config("ct", ct_mu0=0.0)
+  objectives.validate(c)
+  update = objectives.make_target_update(c)
+  got = update({"w": jnp.float32(1.0)}, {"w": jnp.float32(3.0)}, 500)
+  assert float(got["w"]) == 3.0

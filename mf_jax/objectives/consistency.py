@@ -118,6 +118,8 @@ def ct_target_decay(step, num_steps: int, s0: int, s1: int,
                     mu0: float) -> jax.Array:
   """CT's target EMA rate mu(k) = exp(s0 log(mu0) / (N(k) - 1))."""
   intervals = ct_num_scales(step, num_steps, s0, s1) - 1
+  if mu0 == 0:  # the online network itself (CD's and iCT's choice)
+    return jnp.zeros((), jnp.float32)
   return jnp.exp(s0 * math.log(mu0) / intervals)
 
 
@@ -147,9 +149,13 @@ def lognormal_index_probs(n, max_intervals: int, sigma_min: float,
 
 
 def sample_lognormal_index(rng, shape, n, max_intervals: int, *grid):
-  """Pair indices i ~ lognormal_index_probs(n, max_intervals, *grid)."""
-  probs = lognormal_index_probs(n, max_intervals, *grid)
-  return jax.random.categorical(rng, jnp.log(probs), shape=shape)
+  """Pair indices i ~ lognormal_index_probs(n, max_intervals, *grid), by
+  inverting the cumulative distribution (one uniform per index, not one
+  per index and pair as `jax.random.categorical` draws)."""
+  cdf = jnp.cumsum(lognormal_index_probs(n, max_intervals, *grid))
+  u = jax.random.uniform(rng, shape) * cdf[-1]
+  i = jnp.searchsorted(cdf, u, side="right")
+  return jnp.minimum(i, n - 2).astype(jnp.int32)
 
 
 def sample_uniform_index(rng, shape, n) -> jax.Array:
