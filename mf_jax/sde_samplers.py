@@ -32,6 +32,7 @@ from mf_jax import samplers
 from mf_jax.objectives import common
 from mf_jax.objectives import score_sde
 
+
 def score(u_fn, params, sde: score_sde.SDE, x, t_b, labels):
   """grad log p_t(x) = -eps(x, t) / s(t), for per-sample times t_b (B,)."""
   eps = u_fn(params, x, t_b, jnp.zeros_like(t_b), labels, False)

@@ -12,6 +12,10 @@ from mf_jax import config_lib
 from mf_jax import objectives
 from mf_jax import samplers
 from mf_jax import sde_samplers
+from mf_jax import sharding
+from mf_jax.data import toy2d
+from mf_jax.evaluation import distances
+from mf_jax.evaluation import evaluator as evaluator_lib
 from mf_jax.objectives import score_sde
 
 BETA_MIN, BETA_MAX = 0.1, 20.0
@@ -187,8 +191,6 @@ def test_evaluator_reports_the_sde_samplers_on_a_mixture():
   '8gaussians' match its data (energy distance near 0, far below the
   prior's), under keys that name each sampler (Euler-Maruyama is the
   predictor-corrector's predictor)."""
-  from mf_jax import sharding  # pylint: disable=g-import-not-at-top
-  from mf_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
   c = _config(sde="vp")
   c.data.name = "8gaussians"
   c.model.num_classes = 0
@@ -199,8 +201,6 @@ def test_evaluator_reports_the_sde_samplers_on_a_mixture():
   results = evaluator(None, jax.random.key(0))
   assert set(results) == {"pc50/energy_distance", "ode/energy_distance",
                           "ode/nfe_used"}
-  from mf_jax.data import toy2d  # pylint: disable=g-import-not-at-top
-  from mf_jax.evaluation import distances  # pylint: disable=g-import-not-at-top
   prior = np.random.default_rng(0).standard_normal((1000, 2))
   prior_distance = distances.energy_distance(
       prior, toy2d.sample("8gaussians", 1000, np.random.default_rng(1)))
