@@ -258,6 +258,11 @@ def test_student_starts_as_the_pairs_teacher(mlp_export, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, copy, params)
   assert jax.tree.map(lambda a: a.sharding, started.params) == \
       jax.tree.map(lambda a: a.sharding, state.params)
+  # Every leaf its own buffers: the train step donates the whole state.
+  leaves = jax.tree.leaves((started.params, started.ema_params))
+  buffers = [shard.data.unsafe_buffer_pointer() for leaf in leaves
+             for shard in leaf.addressable_shards]
+  assert len(set(buffers)) == len(buffers)
 
 
 def test_bad_input_is_one_line(mlp_export, tmp_path):

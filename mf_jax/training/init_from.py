@@ -19,6 +19,7 @@ or the run stops with one line naming the differing entries.
 
 import flax.traverse_util
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mf_jax import export
@@ -75,7 +76,13 @@ def initial_state(state, config):
     return state
   loaded = load_init_params(config, state.params)
   params = jax.tree.map(_put, loaded, state.params)
+  # Each copy in buffers of its own, made on device: the train step
+  # donates the state, and a buffer (or host memory that a CPU device
+  # array may share with numpy) under two leaves cannot be donated twice.
+  copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree),
+                 out_shardings=jax.tree.map(lambda a: a.sharding, params))
   return state.replace(
-      params=params,
-      ema_params={key: params for key in state.ema_params},
-      target_params=params if state.target_params else state.target_params)
+      params=copy(params),
+      ema_params={key: copy(params) for key in state.ema_params},
+      target_params=(copy(params) if state.target_params
+                     else state.target_params))
