@@ -5,7 +5,9 @@ z_r = z_t - (t - r) * u(z_t, t, h, y). The flow-map sampler asks for the
 average velocity over the whole step (h = t - r, MeanFlow, exact for a
 perfect model); Euler asks for the instantaneous velocity (h = 0, flow
 matching), and Heun corrects Euler's step with the velocity at its end
-(second order, 2 NFE a step). Evaluation picks the sampler an objective
+(second order, 2 NFE a step). The consistency sampler jumps to data with
+the flow map to 0 at every time of the schedule and re-noises to the next
+(consistency models). Evaluation picks the sampler an objective
 names in `SAMPLER`, unless a schedule names its own solver ('heun8',
 'euler16', 'ode': `Solver`), which then integrates the instantaneous
 velocity whatever the objective trained: the many-step reference a one-step
