@@ -34,8 +34,8 @@ from mf_jax.objectives import ect
 from mf_jax.objectives import flow_matching
 from mf_jax.objectives import ict
 from mf_jax.objectives import meanflow
-from mf_jax.objectives import scd
 from mf_jax.objectives import reflow
+from mf_jax.objectives import scd
 from mf_jax.objectives import sct
 from mf_jax.objectives import score_sde
 from mf_jax.objectives import shortcut
@@ -53,8 +53,8 @@ OBJECTIVES: dict[str, types.ModuleType] = {
     "flow_matching": flow_matching,
     "ict": ict,
     "meanflow": meanflow,
-    "scd": scd,
     "reflow": reflow,
+    "scd": scd,
     "sct": sct,
     "score_sde": score_sde,
     "shortcut": shortcut,
