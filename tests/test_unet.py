@@ -204,7 +204,7 @@ def test_cifar10_train_step_lowers_from_abstract_shapes(tmp_path):
   """The full paper setting (55.9M U-Net, augmentation labels, dropout)."""
   exp = trainer.Experiment(cifar10_unet.get_config(), str(tmp_path))
   lowered = exp.lower_train_step(batch_size=8)
-  (_, batch_arg, _), _ = lowered.args_info
+  batch_arg = lowered.args_info[0][1]
   assert batch_arg["augment_labels"].shape == (8, 6)
   assert models.param_count(exp.abstract_state.params) == PAPER_PARAMS
   assert set(exp.abstract_state.ema_params) == {"0.9999", "0.99995", "0.9996"}
