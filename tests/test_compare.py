@@ -1,9 +1,12 @@
-"""The compare tool end to end: two objectives, a few steps, one dataset.
+"""The compare tool end to end: two objectives and two students of the
+first, a few steps, one dataset.
 
 Checks what it writes against the runs' own files (each run's eval JSON,
-the figure's grid) and that a second call reuses the finished runs.
+the figure's grid, the teacher's export and pairs) and that a second call
+reuses the finished runs.
 """
 
+import dataclasses
 import json
 import os
 import types
@@ -12,11 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mf_jax import export
 from mf_jax import objectives
+from mf_jax.data import pairs
 from mf_jax.tools import compare
 
 STEPS = 4
 OBJECTIVES = ["flow_matching", "meanflow"]
+# Students of flow matching's run: from its export, and from its pairs.
+STUDENTS = [compare.DISTILLED_MEANFLOW, "reflow"]
+NUM_PAIRS = 128
 # A small network on one device: this test is about the files, not the
 # models (the suite's own schedule is for full runs).
 TINY = {"model.hidden_size": "32", "model.depth": "1",
@@ -56,7 +64,9 @@ def test_compare_writes_its_files_and_reuses_finished_runs(tmp_path,
   # The default list: every objective; this one is left out, with why.
   monkeypatch.setitem(objectives.OBJECTIVES, "distilled", DISTILLED)
   monkeypatch.setattr(compare, "default_objectives",
-                      lambda: OBJECTIVES + ["distilled"])
+                      lambda: OBJECTIVES + ["distilled"] + STUDENTS)
+  monkeypatch.setitem(compare.SUITES, "toy2d", dataclasses.replace(
+      compare.SUITES["toy2d"], num_pairs=NUM_PAIRS))
   kwargs = dict(steps=STEPS, num_samples=64, datasets=["checkerboard"],
                 overrides=TINY)
   compare.compare("toy2d", out, **kwargs)
@@ -65,8 +75,8 @@ def test_compare_writes_its_files_and_reuses_finished_runs(tmp_path,
   table = open(os.path.join(out, "table.md")).read()
   rows = _table_rows(table, "## checkerboard: energy_distance")
   assert rows[0] == ["objective", "1 NFE", "2 NFE", "4 NFE", "ode",
-                     "step FLOPs vs flow matching"]
-  assert [row[0] for row in rows[1:]] == OBJECTIVES
+                     "teacher", "step FLOPs vs flow matching"]
+  assert [row[0] for row in rows[1:]] == OBJECTIVES + STUDENTS
   for row in rows[1:]:
     objective = row[0]
     run_dir = os.path.join(out, objective, "checkerboard")
@@ -81,18 +91,34 @@ def test_compare_writes_its_files_and_reuses_finished_runs(tmp_path,
     # Dopri5: 1 evaluation to start, 6 per step.
     assert int(nfe_used) == round(scores["ode/nfe_used"])
     assert (scores["ode/nfe_used"] - 1) % 6 == 0
+    # A student's teacher column: flow matching's adaptive figure.
+    assert row[5] == (rows[1][4] if objective in STUDENTS else "–")
   assert "- distilled: objective.name=distilled distils a teacher" in table
   assert list(saved["left_out"]) == ["distilled"]
-  flops = {row[0]: float(row[5]) for row in rows[1:]}
-  # MeanFlow's step adds a JVP to flow matching's forward and backward.
+  flops = {row[0]: float(row[6]) for row in rows[1:]}
+  # MeanFlow's step adds a JVP to flow matching's forward and backward;
+  # distilled, a teacher's forward pass.
   assert flops["flow_matching"] == 1.0 and flops["meanflow"] > 1.1
+  assert flops[compare.DISTILLED_MEANFLOW] > flops["meanflow"]
+
+  # The teacher: flow matching's run, exported; reflow's pairs are its.
+  teacher_file, pairs_dir = compare.teacher_files(out, "checkerboard")
+  meta = export.load(teacher_file)[1]
+  assert meta["objective"] == "flow_matching" and meta["step"] == STEPS
+  manifest = pairs.read_manifest(pairs_dir)
+  assert manifest["num_pairs"] == NUM_PAIRS
+  assert manifest["teacher"] == os.path.abspath(teacher_file)
+  assert (saved["runs"]["reflow"]["checkerboard"]["teacher"] == pairs_dir
+          and saved["runs"][STUDENTS[0]]["checkerboard"]["teacher"]
+          == teacher_file)
 
   # One row of cells per objective, one column per NFE, each with points.
   picture = np.asarray(Image.open(os.path.join(out, "samples.png"))
                        .convert("L"))
   cell = int(compare.CELL_INCHES * compare.DPI)
-  assert picture.shape == (2 * cell, len(compare.NFES) * cell)
-  for i in range(2):
+  rows_drawn = len(OBJECTIVES + STUDENTS)
+  assert picture.shape == (rows_drawn * cell, len(compare.NFES) * cell)
+  for i in range(rows_drawn):
     for j in range(len(compare.NFES)):
       block = picture[i * cell:(i + 1) * cell, j * cell:(j + 1) * cell]
       assert (block < 100).sum() > 100, (i, j)
@@ -100,11 +126,12 @@ def test_compare_writes_its_files_and_reuses_finished_runs(tmp_path,
   before = _mtimes(out)
   again = compare.compare("toy2d", out, **kwargs)
   after = _mtimes(out)
-  runs = [os.path.join(out, o, "checkerboard") for o in OBJECTIVES]
+  runs = [os.path.join(out, o) for o in OBJECTIVES + STUDENTS]
   for path, mtime in before.items():
     if any(path.startswith(run) for run in runs):
       assert after[path] == mtime, path  # nothing retrained or rescored
-  assert all(again["runs"][o]["checkerboard"]["reused"] for o in OBJECTIVES)
+  assert all(again["runs"][o]["checkerboard"]["reused"]
+             for o in OBJECTIVES + STUDENTS)
   assert open(os.path.join(out, "table.md")).read() == table
 
 

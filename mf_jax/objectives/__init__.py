@@ -8,7 +8,9 @@ An objective is a module with two pure functions and a sampler name:
 - `loss(u_fn, params, batch, draws, config, num_classes, context)
   -> (loss, metrics)`: deterministic given the draws, so tests feed the
   draws of a reference implementation;
-- `SAMPLER`: the sampler that fits the quantity it trains.
+- `SAMPLER`: the sampler that fits the quantity it trains;
+- `LEARNS_FROM` (distillation only): "teacher" (objective.teacher names an
+  export) or "pairs" (data.pairs_dir holds a teacher's pairs).
 
 `context` (`common.Context`) carries what some methods need beyond the
 batch: the step (curricula), the EMA parameters and the objective's own
@@ -88,6 +90,11 @@ def validate(config) -> types.ModuleType:
   if hasattr(objective, "validate"):
     objective.validate(config)
   return objective
+
+
+def learns_from(name: str) -> str:
+  """'teacher', 'pairs', or '' for an objective that learns from data."""
+  return getattr(get(name), "LEARNS_FROM", "")
 
 
 def has_target(config) -> bool:

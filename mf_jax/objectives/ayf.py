@@ -57,6 +57,8 @@ from mf_jax.objectives import sct
 from mf_jax.objectives import time_samplers
 
 SAMPLER = "flow_map"
+# What it learns from beside the data (tools/compare.py provides it).
+LEARNS_FROM = "teacher"
 LOSSES = ("emd", "lmd")
 
 CONFIG = dict(

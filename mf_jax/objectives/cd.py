@@ -41,6 +41,8 @@ from mf_jax.objectives import common
 from mf_jax.objectives import consistency
 
 SAMPLER = "consistency"
+# What it learns from beside the data (tools/compare.py provides it).
+LEARNS_FROM = "teacher"
 METRICS = ("l2", "pseudo_huber")
 SOLVERS = ("heun", "euler", "flow_map")
 

@@ -47,6 +47,8 @@ from mf_jax.objectives import consistency
 from mf_jax.objectives import time_samplers
 
 SAMPLER = "flow_map"
+# What it learns from beside the data (tools/compare.py provides it).
+LEARNS_FROM = "teacher"
 TARGET_INNER = ("target", "student")
 
 CONFIG = dict(

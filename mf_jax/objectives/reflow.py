@@ -30,6 +30,8 @@ from mf_jax.objectives import common
 from mf_jax.objectives import time_samplers
 
 SAMPLER = "euler"
+# What it learns from: a teacher\'s pairs (tools/compare.py provides them).
+LEARNS_FROM = "pairs"
 
 CONFIG = dict(
     reflow_one_step=False,  # k = 1: regress e - x at t = 1 (one Euler step)

@@ -43,6 +43,8 @@ from mf_jax.objectives import common
 from mf_jax.objectives import sct
 
 SAMPLER = "consistency"
+# What it learns from beside the data (tools/compare.py provides it).
+LEARNS_FROM = "teacher"
 
 CONFIG = dict(
     scd_sigma_d=0.5,  # TrigFlow's data standard deviation

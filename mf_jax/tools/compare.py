@@ -25,8 +25,14 @@ is reused, not retrained; an unfinished one resumes. Then writes
 
 Every objective in `mf_jax.objectives.OBJECTIVES` is in the default list,
 so a new method adds its row by existing; those the suite's config cannot
-train as it is (the distillation methods need a teacher) are listed as left
-out, with the reason. OUTPUT is a local folder.
+train as it is are listed as left out, with the reason. The students (an
+objective's LEARNS_FROM, and the row 'meanflow_distill': MeanFlow with the
+teacher's velocity in its target) learn from the flow-matching run of their
+dataset, trained first: its export OUTPUT/flow_matching/<dataset>/
+teacher.safetensors is their objective.teacher and starting point, and
+reflow reads Suite.num_pairs pairs of its adaptive ODE from .../pairs. The
+table's 'teacher' column is that run's 'ode' figure. OUTPUT is a local
+folder.
 """
 
 import dataclasses
@@ -45,6 +51,8 @@ from mf_jax import preflight
 from mf_jax import samplers
 from mf_jax.data import toy2d
 from mf_jax.evaluation import images
+from mf_jax.tools import export as export_tool
+from mf_jax.tools import make_pairs
 from mf_jax.training import throughput
 from mf_jax.training import trainer
 
@@ -52,7 +60,9 @@ from mf_jax.training import trainer
 NFES = (1, 2, 4, "ode")
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
-BASELINE = "flow_matching"
+BASELINE = "flow_matching"  # and the students' teacher
+# A row beside the registry's: MeanFlow distilled from the baseline.
+DISTILLED_MEANFLOW = "meanflow_distill"
 # Samples drawn per figure cell: points of a 2-D scatter, or digits (two of
 # each class, in rows of 5: a near-square block).
 SCATTER_POINTS = 2000
@@ -66,21 +76,44 @@ class Suite:
   datasets: tuple[str, ...]
   metrics: tuple[str, ...]  # eval JSON keys after 'nfe1/'
   lower_is_better: tuple[bool, ...]
+  num_pairs: int  # the teacher's (noise, sample) pairs reflow trains on
 
 
 SUITES = {
     "toy2d": Suite("toy2d", ("checkerboard", "moons"), ("energy_distance",),
-                   (True,)),
+                   (True,), 65_536),
     "digits": Suite("digits", ("digits",), ("fd_digits", "class_accuracy"),
-                    (True, False)),
+                    (True, False), 16_384),
 }
 
 
 def default_objectives() -> list[str]:
   """Flow matching (the baseline) and MeanFlow first, then every other
-  objective."""
+  objective that learns from data, then the students."""
   first = [BASELINE, "meanflow"]
-  return first + [name for name in objectives.OBJECTIVES if name not in first]
+  rest = [name for name in objectives.OBJECTIVES if name not in first]
+  students = [name for name in rest if objectives.learns_from(name)]
+  return (first + [name for name in rest if name not in students] + students
+          + [DISTILLED_MEANFLOW])
+
+
+def row_objective(row: str) -> str:
+  """The objective a table row trains."""
+  return "meanflow" if row == DISTILLED_MEANFLOW else row
+
+
+def row_learns_from(row: str) -> str:
+  """'teacher', 'pairs' or '' (see objectives.learns_from)."""
+  if row == DISTILLED_MEANFLOW:
+    return "teacher"
+  return objectives.learns_from(row)
+
+
+def teacher_files(output: str, dataset: str) -> tuple[str, str]:
+  """(export, pairs folder) of the baseline run of `dataset`."""
+  base = os.path.join(output, BASELINE, dataset)
+  return (os.path.join(base, "teacher.safetensors"),
+          os.path.join(base, "pairs"))
 
 
 def _load_config_module(name: str):
@@ -119,13 +152,14 @@ def _override(config, field: str, text: str):
   config[section][name] = value
 
 
-def run_config(suite: Suite, objective: str, dataset: str,
+def run_config(suite: Suite, row: str, dataset: str,
                steps: int | None = None, num_samples: int | None = None,
-               overrides: dict[str, str] | None = None):
-  """The suite's config for one objective. Training only: `run` scores the
+               overrides: dict[str, str] | None = None, output: str = ""):
+  """The suite's config for one row. Training only: `run` scores the
   last step at NFES and draws the figure's samples itself (no grids).
-  `overrides` ({'model.depth': '1'}) change the shared schedule for all."""
-  arg = f"objective={objective}"
+  `overrides` ({'model.depth': '1'}) change the shared schedule for all.
+  A student learns from the baseline's files in `output`."""
+  arg = f"objective={row_objective(row)}"
   if suite.config == "toy2d":
     arg += f",dataset={dataset}"
   c = _load_config_module(suite.config).get_config(arg)
@@ -137,7 +171,25 @@ def run_config(suite: Suite, objective: str, dataset: str,
   c.sample.every_steps = 0
   if num_samples:
     c.eval.num_samples = num_samples
+  export_path, pairs_dir = teacher_files(output, dataset)
+  if row_learns_from(row) == "pairs":  # its manifest names the teacher
+    c.data.pairs_dir = pairs_dir
+  elif row_learns_from(row) == "teacher":
+    c.objective.update(teacher=export_path, init_from=export_path)
   return c
+
+
+def prepare_teacher(suite: Suite, output: str, dataset: str, config,
+                    learns_from: str):
+  """Exports the baseline run of `dataset` (trained by now) and, for
+  reflow, makes its pairs; both are reused once complete."""
+  export_path, pairs_dir = teacher_files(output, dataset)
+  if not files.exists(export_path):
+    export_tool.export_run(os.path.dirname(export_path), export_path,
+                           config=config)
+  if learns_from == "pairs":
+    make_pairs.run(export_path, pairs_dir, suite.num_pairs,
+                   rtol=config.eval.ode_rtol, atol=config.eval.ode_atol)
 
 
 def metric_keys(suite: Suite) -> list[str]:
@@ -241,15 +293,17 @@ def table_markdown(suite: Suite, results: dict, steps: int) -> str:
       f"# {suite.config}: {steps} training steps per objective", "",
       "Columns 1, 2, 4: NFE of each objective's own sampler; `ode`: "
       f"adaptive Dopri5 on the instantaneous velocity (h = 0, rtol {rtol:g}, "
-      f"atol {atol:g}), its mean NFE in brackets. Step FLOPs: the compiled "
-      "training step (one device) over flow matching's.", ""]
+      f"atol {atol:g}), its mean NFE in brackets. teacher: a student's "
+      f"teacher ({BASELINE}'s run of the dataset) at 'ode'. Step FLOPs: the "
+      "compiled training step (one device; a student's includes its "
+      "teacher's passes) over flow matching's.", ""]
   for dataset in suite.datasets:
     for metric, lower in zip(suite.metrics, suite.lower_is_better):
       better = "lower" if lower else "higher"
       lines += [f"## {dataset}: {metric} ({better} is better)", "",
-                "| objective | 1 NFE | 2 NFE | 4 NFE | ode | step FLOPs "
-                "vs flow matching |",
-                "|---|---|---|---|---|---|"]
+                "| objective | 1 NFE | 2 NFE | 4 NFE | ode | teacher | step "
+                "FLOPs vs flow matching |",
+                "|---|---|---|---|---|---|---|"]
       for objective, runs in results["runs"].items():
         run = runs[dataset]
         scores = run["eval"]
@@ -257,6 +311,10 @@ def table_markdown(suite: Suite, results: dict, steps: int) -> str:
                  for nfe in NFES[:-1]]
         cells.append(_format(scores.get(f"ode/{metric}"),
                              scores.get("ode/nfe_used")))
+        teacher = results["runs"][BASELINE][dataset]["eval"] if run.get(
+            "teacher") else {}
+        cells.append(_format(teacher.get(f"ode/{metric}"),
+                             teacher.get("ode/nfe_used")))
         ratio = run["flops_vs_flow_matching"]
         cells.append("–" if ratio is None else f"{ratio:.2f}")
         lines.append(f"| {objective} | " + " | ".join(cells) + " |")
@@ -329,12 +387,15 @@ def compare(suite_name: str, output: str, objective_names=None,
   chosen = objective_names is not None
   objective_names = list(objective_names or default_objectives())
   for name in objective_names:
-    objectives.get(name)  # an unknown name fails before anything runs
+    objectives.get(row_objective(name))  # unknown names fail before any run
+  if BASELINE not in objective_names and any(
+      row_learns_from(name) for name in objective_names):
+    objective_names.insert(0, BASELINE)  # the students' teacher
   preflight.check_writable(output, "the comparison")
   configs, skipped = {}, {}
   for name in objective_names:
     runs = {(name, d): run_config(suite, name, d, steps, num_samples,
-                                  overrides) for d in suite.datasets}
+                                  overrides, output) for d in suite.datasets}
     try:
       check_configs(runs)
     except ValueError as e:
@@ -348,31 +409,37 @@ def compare(suite_name: str, output: str, objective_names=None,
     configs.update(runs)
   objective_names = [o for o in objective_names if o not in skipped]
   keys = metric_keys(suite)
-  # FLOPs don't depend on the dataset: one per objective, the baseline's
-  # even when it is not in the table.
+  results = {"suite": suite_name, "nfe": list(NFES), "runs": {},
+             "left_out": skipped}
+  samples = {}
+  for (row, dataset), config in configs.items():  # the baseline first
+    workdir = os.path.join(output, row, dataset)
+    kind = "toy2d" if dataset in toy2d.DATASETS else "digits"
+    learns_from = row_learns_from(row)
+    if learns_from:
+      prepare_teacher(suite, output, dataset, configs[BASELINE, dataset],
+                      learns_from)
+    scores, samples[row, dataset], reused = run(config, workdir, kind, keys)
+    results["runs"].setdefault(row, {})[dataset] = {
+        "workdir": files.absolute(workdir), "reused": reused,
+        "steps": config.training.num_steps, "eval": scores,
+        "teacher": (teacher_files(output, dataset)[learns_from == "pairs"]
+                    if learns_from else ""),
+        "ode_rtol": config.eval.ode_rtol, "ode_atol": config.eval.ode_atol}
+  # FLOPs don't depend on the dataset: one per row (a student's includes
+  # its teacher's passes), the baseline's even when it is not in the table.
   flops = {}
   for name in dict.fromkeys([BASELINE, *objective_names]):
     config = configs.get((name, suite.datasets[0])) or run_config(
         suite, name, suite.datasets[0], steps, num_samples, overrides)
     flops[name] = cached_flops(config, os.path.join(
         output, name, "train_step_flops.json"))
-  base = flops[BASELINE]
-  results = {"suite": suite_name, "nfe": list(NFES), "runs": {},
-             "left_out": skipped}
-  samples = {}
-  for (objective, dataset), config in configs.items():
-    workdir = os.path.join(output, objective, dataset)
-    kind = "toy2d" if dataset in toy2d.DATASETS else "digits"
-    scores, samples[objective, dataset], reused = run(config, workdir, kind,
-                                                      keys)
-    ratio = (flops[objective] / base
-             if flops[objective] and base else None)
-    results["runs"].setdefault(objective, {})[dataset] = {
-        "workdir": files.absolute(workdir), "reused": reused,
-        "steps": config.training.num_steps, "eval": scores,
-        "train_step_flops": flops[objective],
-        "flops_vs_flow_matching": ratio,
-        "ode_rtol": config.eval.ode_rtol, "ode_atol": config.eval.ode_atol}
+  for name, runs in results["runs"].items():
+    for entry in runs.values():
+      entry["train_step_flops"] = flops[name]
+      entry["flops_vs_flow_matching"] = (
+          flops[name] / flops[BASELINE]
+          if flops[name] and flops[BASELINE] else None)
   num_steps = next(iter(configs.values())).training.num_steps
   if jax.process_index() == 0:
     files.write_json(os.path.join(output, "results.json"), results)

@@ -95,6 +95,8 @@ class Experiment:
         "y": jax.ShapeDtypeStruct((batch_size,), jnp.int32,
                                   sharding=batch_sharding),
     }
+    if self.config.data.get("pairs_dir"):  # a teacher's pairs: their noise
+      batch["e"] = batch["x"]
     augment_dim = self.config.model.get("augment_dim", 0)
     if augment_dim:  # the pipeline adds EDM augmentation labels for it
       batch["augment_labels"] = jax.ShapeDtypeStruct(
