@@ -74,10 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   # on_nonfinite: "stop" (raise, naming the step and the quantity) or "skip"
   # (drop the update of a step whose loss or gradient is not finite and
-  # count it in the metrics as `skipped_steps`).
+  # count it in the metrics as `skipped_steps`). donate_state: "auto"
+  # (accelerators reuse the state's memory in place; not on CPU, where it
+  # costs time), "always" or "never".
   c.training = ml_collections.ConfigDict(dict(
       num_steps=1000, batch_size=256, seed=0, log_every_steps=100,
-      ema_decays=(0.9999,), on_nonfinite="stop"))
+      ema_decays=(0.9999,), on_nonfinite="stop", donate_state="auto"))
 
   # augment_p: EDM augmentation probability (data/augment.py); > 0 needs a
   # model with augment_dim = 6 (the U-Net), which is told the parameters.

@@ -22,6 +22,7 @@ from mf_jax.evaluation import inception
 from mf_jax.training import state as state_lib
 
 ON_NONFINITE = ("stop", "skip")
+DONATE_STATE = ("auto", "always", "never")
 
 
 def _number(value) -> bool:
@@ -44,6 +45,8 @@ _RANGES = (
     ("training.log_every_steps", ">= 0 (0: off)", _at_least(0)),
     ("training.on_nonfinite", f"one of {ON_NONFINITE}",
      lambda value: value in ON_NONFINITE),
+    ("training.donate_state", f"one of {DONATE_STATE}",
+     lambda value: value in DONATE_STATE),
     ("training.ema_decays", "a tuple of decays in [0, 1)",
      lambda value: isinstance(value, (tuple, list))
      and all(_decay(d) for d in value)),

@@ -208,3 +208,39 @@ def test_no_sample_only_evaluation_without_a_score():
   c.data.name = "digits"
   assert evaluator_lib.Evaluator(c, u_fn, sharding.make_mesh(c.mesh),
                                  (8, 8, 1)).scores_samples
+
+
+def _steps_on_random_batches(config, count):
+  """(metrics per step, state after, the first state's leaf) of `count`
+  steps of config's compiled step from a fresh state."""
+  exp = trainer.Experiment(config, workdir="")
+  step, _ = exp.compile_train_step()
+  state = exp.new_state()
+  first_leaf = jax.tree.leaves(state.params)[0]
+  batch_spec = exp.abstract_batch()
+  rng = np.random.default_rng(0)
+  logged = []
+  for _ in range(count):
+    batch = {k: jax.device_put(
+        rng.standard_normal(s.shape).astype(s.dtype), s.sharding)
+             for k, s in batch_spec.items()}
+    state, metrics = step(state, batch, jax.random.key(0))
+    logged.append(jax.device_get(metrics))
+  return logged, state, first_leaf
+
+
+def test_norms_only_at_log_steps_and_donation_by_backend():
+  c = tiny_toy_config(num_steps=5)
+  c.training.log_every_steps = 2
+  logged, state, first_leaf = _steps_on_random_batches(c, 5)
+  computed = [bool(np.isfinite(m["grad_norm"])) for m in logged]
+  assert computed == [False, True, False, True, True]  # 2, 4 and the last
+  # The norm is the parameters' own, where it is computed.
+  assert logged[-1]["param_norm"] == pytest.approx(
+      float(np.sqrt(sum(np.sum(np.square(x))
+                        for x in jax.tree.leaves(state.params)))), rel=1e-5)
+  # 'auto' on CPU keeps the state's buffers; 'always' hands them over.
+  assert not first_leaf.is_deleted()
+  c.training.donate_state = "always"
+  _, _, first_leaf = _steps_on_random_batches(c, 1)
+  assert first_leaf.is_deleted()

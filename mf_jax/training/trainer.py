@@ -79,11 +79,15 @@ class Experiment:
 
   def jit_train_step(self):
     teacher_apply, frozen = self.teacher
+    training = self.config.training
     return step_lib.jit_train_step(
         objectives.make_loss_fn(self.config, self.u_fn), self.tx,
         self.schedule, self.state_shardings, self.mesh,
         objectives.make_target_update(self.config), teacher_apply,
-        jax.tree.map(lambda a: a.sharding, frozen))
+        jax.tree.map(lambda a: a.sharding, frozen),
+        donate=step_lib.donates_state(training.donate_state, self.mesh),
+        is_log_step=step_lib.log_step_predicate(training.log_every_steps,
+                                                training.num_steps))
 
   def abstract_batch(self, batch_size=None):
     """Shapes and shardings of a global batch, for ahead-of-time lowering."""
