@@ -53,11 +53,7 @@ TWO_STEP = "1,0.4509,0"  # EDM sigma 80 -> 0.821 -> 0
 def get_config(arg=None):
   del arg
   c = config_lib.base_config()
-  c.model.update(
-      name="unet", variant="", input_size=32, in_channels=3, num_classes=0,
-      model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4,
-      channel_mult_noise=2, num_blocks=4, attn_resolutions=(16,),
-      resample_filter=(1, 3, 3, 1), dropout=0.2, augment_dim=0)
+  c.model.update(config_lib.cifar10_unet_model(dropout=0.2))
   c.model.adaptive_weight_dim = 128
   c.objective.update(name="sct", class_dropout=0.0, sct_sigma_d=0.5,
                      sct_p_mean=-1.0, sct_p_std=1.4, sct_warmup_steps=10_000,
@@ -66,10 +62,5 @@ def get_config(arg=None):
                      weight_decay=0.0, schedule="constant", warmup_steps=0)
   c.training.update(num_steps=350_000, batch_size=512, log_every_steps=100,
                     ema_decays=(0.9999, 0.99995, 0.9996))
-  c.data.update(name="cifar10", augment_p=0.0)
-  c.checkpoint.update(every_steps=2_500, every_secs=3600.0, first_step=100)
-  c.eval.update(every_steps=25_000, nfe=(1, TWO_STEP), num_samples=50_000,
-                batch_size=1024, ema_decay=0.9999, labels="random",
-                fid_protocol="pytorch_fid")
-  c.sample.update(every_steps=2_500, grid_size=10, nfe=1)
+  config_lib.cifar10_consistency_schedule(c, TWO_STEP, ema_decay=0.9999)
   return c

@@ -49,11 +49,7 @@ STEPS_PER_EPOCH = 48  # 50,000 images, 8 ranks x 128, last batch dropped
 def get_config(arg=None):
   del arg
   c = config_lib.base_config()
-  c.model.update(
-      name="unet", variant="", input_size=32, in_channels=3, num_classes=0,
-      model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4,
-      channel_mult_noise=2, num_blocks=4, attn_resolutions=(16,),
-      resample_filter=(1, 3, 3, 1), dropout=0.2, augment_dim=6)
+  c.model.update(config_lib.cifar10_unet_model(dropout=0.2, augment_dim=6))
   c.objective.update(
       name="meanflow", time_sampler="logit_normal", time_mean=-2.0,
       time_std=2.0, fraction_r_neq_t=0.75, adaptive_p=0.75,

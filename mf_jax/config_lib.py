@@ -169,6 +169,28 @@ def imagenet256_config(variant: str, omega: float, kappa: float,
   return c
 
 
+def cifar10_unet_model(dropout: float, augment_dim: int = 0) -> dict:
+  """model fields of the ~56M-parameter DDPM++ U-Net that every CIFAR-10 config
+  trains (MeanFlow's, iCT's, sCT's: py-meanflow's and EDM's layout); the
+  papers differ only in dropout and EDM augmentation."""
+  return dict(
+      name="unet", variant="", input_size=32, in_channels=3, num_classes=0,
+      model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4,
+      channel_mult_noise=2, num_blocks=4, attn_resolutions=(16,),
+      resample_filter=(1, 3, 3, 1), dropout=dropout, augment_dim=augment_dim)
+
+
+def cifar10_consistency_schedule(c, two_step: str, ema_decay: float):
+  """Data, checkpoints, FID evaluation and grids of the consistency
+  models' CIFAR-10 configs (iCT, sCT): 1 NFE and their 2-step schedule."""
+  c.data.update(name="cifar10", augment_p=0.0)
+  c.checkpoint.update(every_steps=2_500, every_secs=3600.0, first_step=100)
+  c.eval.update(every_steps=25_000, nfe=(1, two_step), num_samples=50_000,
+                batch_size=1024, ema_decay=ema_decay, labels="random",
+                fid_protocol="pytorch_fid")
+  c.sample.update(every_steps=2_500, grid_size=10, nfe=1)
+
+
 def digits_config(objective: str, fraction_r_neq_t: float
                   ) -> ml_collections.ConfigDict:
   """Class-conditional 8x8 digits in about 10 minutes on a 2-core CPU: the

@@ -65,22 +65,7 @@ def as_sct(settings):
 
 def validate(config):
   cd.require_teacher(config)
-  s = config.objective
-  for name in ("scd_sigma_d", "scd_p_std"):
-    if not s[name] > 0:
-      raise ValueError(f"objective.{name}={s[name]!r} must be > 0.")
-  if s.scd_tangent_c < 0:
-    raise ValueError(f"objective.scd_tangent_c={s.scd_tangent_c!r} must be "
-                     ">= 0.")
-  if not 0 <= s.scd_warmup_steps < max(config.training.num_steps, 1):
-    raise ValueError(
-        f"objective.scd_warmup_steps={s.scd_warmup_steps} must be >= 0 and "
-        f"below training.num_steps={config.training.num_steps}, or the "
-        "tangent warm-up never finishes; lower it.")
-  if config.model.get("adaptive_weight_dim", 0) <= 0:
-    raise ValueError(
-        "objective.name=scd learns its loss weight w(t) in a model head: set "
-        "model.adaptive_weight_dim > 0 (e.g. 128).")
+  sct.validate(config, prefix="scd")
 
 
 def draw(rng, batch, config, num_classes, context=None):

@@ -68,23 +68,25 @@ CONFIG = dict(
 )
 
 
-def validate(config):
-  s = config.objective
-  for name in ("sct_sigma_d", "sct_p_std"):
-    if not s[name] > 0:
-      raise ValueError(f"objective.{name}={s[name]!r} must be > 0.")
-  if s.sct_tangent_c < 0:
-    raise ValueError(f"objective.sct_tangent_c={s.sct_tangent_c!r} must be "
-                     ">= 0.")
-  if not 0 <= s.sct_warmup_steps < max(config.training.num_steps, 1):
+def validate(config, prefix: str = "sct"):
+  """sCT's checks; sCD (prefix 'scd') shares them on its own fields."""
+  s, name = config.objective, config.objective.name
+  for field in (f"{prefix}_sigma_d", f"{prefix}_p_std"):
+    if not s[field] > 0:
+      raise ValueError(f"objective.{field}={s[field]!r} must be > 0.")
+  if s[f"{prefix}_tangent_c"] < 0:
+    raise ValueError(f"objective.{prefix}_tangent_c="
+                     f"{s[f'{prefix}_tangent_c']!r} must be >= 0.")
+  warmup_steps = s[f"{prefix}_warmup_steps"]
+  if not 0 <= warmup_steps < max(config.training.num_steps, 1):
     raise ValueError(
-        f"objective.sct_warmup_steps={s.sct_warmup_steps} must be >= 0 and "
+        f"objective.{prefix}_warmup_steps={warmup_steps} must be >= 0 and "
         f"below training.num_steps={config.training.num_steps}, or the "
         "tangent warm-up never finishes; lower it.")
   if config.model.get("adaptive_weight_dim", 0) <= 0:
     raise ValueError(
-        "objective.name=sct learns its loss weight w(t) in a model head: set "
-        "model.adaptive_weight_dim > 0 (e.g. 128).")
+        f"objective.name={name} learns its loss weight w(t) in a model head: "
+        "set model.adaptive_weight_dim > 0 (e.g. 128).")
 
 
 def warmup(step, warmup_steps: int) -> jax.Array:
