@@ -47,22 +47,36 @@ def train_step(state: TrainState, batch, rng, frozen, *, loss_fn, tx,
                                target_params=state.target_params,
                                teacher=teacher, teacher_weak=teacher_weak)
   (loss, metrics), grads = grad_fn(state.params, batch, rng, context)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+
+  def updated(grads, params, opt_state, ema_params, target_params):
+    """Parameters, optimizer state, EMAs and target parameters after the
+    update."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    ema_params = {key: optax.incremental_update(params, ema, 1.0 - float(key))
+                  for key, ema in ema_params.items()}
+    if target_update is not None:
+      target_params = target_update(target_params, params, state.step)
+    return params, opt_state, ema_params, target_params
+
+  old = (state.params, state.opt_state, state.ema_params,
+         state.target_params)
   # Leaf by leaf, not through the norms: a norm overflows to inf while
   # every value is still finite.
   what = (jnp.where(jnp.isfinite(loss), 0, NONFINITE_LOSS)
           + jnp.where(_all_finite(grads), 0, NONFINITE_GRAD)
-          + jnp.where(_all_finite(params), 0, NONFINITE_PARAMS))
+          + jnp.where(_all_finite(updated(grads, *old)[0]), 0,
+                      NONFINITE_PARAMS))
   finite = what == 0
-  ema_params = {
-      key: optax.incremental_update(params, ema, 1.0 - float(key))
-      for key, ema in state.ema_params.items()}
-  target_params = state.target_params
-  if target_update is not None:
-    target_params = target_update(target_params, params, state.step)
-  keep = lambda new, old: jax.tree.map(
-      lambda n, o: jnp.where(finite, n, o), new, old)
+  # The update is computed twice: above only into the check's sums, and
+  # here again inside each leaf's select, which writes the new state
+  # directly. The barrier keeps XLA from merging the two, which would hold
+  # the whole update as temporaries until the check is done (2x the
+  # parameters at DiT-S/4; issue 15).
+  grads_again, *old_again = jax.lax.optimization_barrier((grads, *old))
+  params, opt_state, ema_params, target_params = jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o),
+      updated(grads_again, *old_again), tuple(old_again))
   step = state.step + 1
   grad_norm, param_norm = jax.lax.cond(
       is_log_step(step) | ~finite,
@@ -70,10 +84,8 @@ def train_step(state: TrainState, batch, rng, frozen, *, loss_fn, tx,
       lambda: (jnp.full((), jnp.nan), jnp.full((), jnp.nan)))
   first = (state.nonfinite_step == 0) & ~finite
   new_state = TrainState(
-      step=step, params=keep(params, state.params),
-      opt_state=keep(opt_state, state.opt_state),
-      ema_params=keep(ema_params, state.ema_params),
-      target_params=keep(target_params, state.target_params),
+      step=step, params=params, opt_state=opt_state,
+      ema_params=ema_params, target_params=target_params,
       nonfinite_step=jnp.where(first, step, state.nonfinite_step),
       nonfinite_what=jnp.where(first, what, state.nonfinite_what),
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
@@ -86,8 +98,11 @@ def train_step(state: TrainState, batch, rng, frozen, *, loss_fn, tx,
 
 
 def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                            for x in jax.tree.leaves(tree)]))
+  """Whether every value is finite, as one float sum per leaf: x * 0 is 0
+  or NaN, so the sum is NaN exactly where a value is not finite and never
+  overflows; XLA:CPU fuses it with its producer (an is-finite + all
+  materialized a boolean copy of the tree)."""
+  return jnp.isfinite(sum(jnp.sum(x * 0) for x in jax.tree.leaves(tree)))
 
 
 def nonfinite_message(step: int, what: int, values: dict | None = None) -> str:
