@@ -20,9 +20,10 @@ def get_config(arg=None):
   c = config_lib.digits_config(arg.objective, arg.fraction_r_neq_t)
   if arg.objective == "shortcut":
     c.objective.adaptive_p = 0.0  # the official plain L2
-  if arg.objective == "sct":  # its learned weight w(t); 10 % warm-up
+  if arg.objective in ("sct", "scd"):  # their learned weight w(t)
     c.model.adaptive_weight_dim = 128
-    c.objective.sct_warmup_steps = 600
+  if arg.objective in ("sct", "scd", "ayf"):  # a 10 % tangent warm-up
+    c.objective[f"{arg.objective}_warmup_steps"] = 600
   if arg.objective == "score_sde":  # its three samplers, 100 steps each
     c.eval.nfe = ("em100", "pc100", "ode")
     c.sample.nfe = 100  # Euler-Maruyama

@@ -40,9 +40,11 @@ def get_config(arg=None):
                 batch_size=2000)
   if arg.objective == "shortcut":  # trained on steps 1/2^k, k <= log2 128
     c.eval.nfe = (1, 2, 128)
-  if arg.objective == "sct":  # its learned weight w(t); data std ~1.15
+  if arg.objective in ("sct", "scd"):  # their learned weight w(t)
     c.model.adaptive_weight_dim = 128
-    c.objective.update(sct_sigma_d=1.0, sct_warmup_steps=2000)
+    c.objective[f"{arg.objective}_sigma_d"] = 1.0  # data std ~1.15
+  if arg.objective in ("sct", "scd", "ayf"):  # tangent warm-up 2k steps
+    c.objective[f"{arg.objective}_warmup_steps"] = 2000
   if arg.objective == "score_sde":  # its three samplers, 100 steps each
     c.eval.nfe = ("em100", "pc100", "ode")
     c.sample.nfe = 100  # Euler-Maruyama
