@@ -1,5 +1,5 @@
-"""The compare tool end to end: two objectives and two students of the
-first, a few steps, one dataset.
+"""The compare tool end to end: three objectives (one a consistency model)
+and two students of the first, a few steps, one dataset.
 
 Checks what it writes against the runs' own files (each run's eval JSON,
 the figure's grid, the teacher's export and pairs) and that a second call
@@ -21,7 +21,8 @@ from mf_jax.data import pairs
 from mf_jax.tools import compare
 
 STEPS = 4
-OBJECTIVES = ["flow_matching", "meanflow"]
+OBJECTIVES = ["flow_matching", "meanflow", "ect"]
+CONSISTENCY = "ect"  # never learns h = 0: no 'ode' figure
 # Students of flow matching's run: from its export, and from its pairs.
 STUDENTS = [compare.DISTILLED_MEANFLOW, "reflow"]
 NUM_PAIRS = 128
@@ -29,7 +30,7 @@ NUM_PAIRS = 128
 # models (the suite's own schedule is for full runs).
 TINY = {"model.hidden_size": "32", "model.depth": "1",
         "training.batch_size": "64", "eval.batch_size": "64",
-        "mesh.num_devices": "1"}
+        "mesh.num_devices": "1", "objective.ect_stages": "2"}
 
 
 def _table_rows(table: str, heading: str) -> list[list[str]]:
@@ -74,28 +75,31 @@ def test_compare_writes_its_files_and_reuses_finished_runs(tmp_path,
   saved = json.load(open(os.path.join(out, "results.json")))
   table = open(os.path.join(out, "table.md")).read()
   rows = _table_rows(table, "## checkerboard: energy_distance")
-  assert rows[0] == ["objective", "1 NFE", "2 NFE", "4 NFE", "ode",
-                     "teacher", "step FLOPs vs flow matching"]
+  assert rows[0] == ["objective", "1 NFE", "2 NFE", "4 NFE", "128 NFE",
+                     "ode", "teacher", "step FLOPs vs flow matching"]
   assert [row[0] for row in rows[1:]] == OBJECTIVES + STUDENTS
   for row in rows[1:]:
     objective = row[0]
     run_dir = os.path.join(out, objective, "checkerboard")
     scores = json.load(open(os.path.join(run_dir, "eval", f"{STEPS}.json")))
     assert saved["runs"][objective]["checkerboard"]["eval"] == scores
-    for cell, nfe in zip(row[1:4], (1, 2, 4)):
+    for cell, nfe in zip(row[1:5], (1, 2, 4, 128)):
       assert float(cell) == pytest.approx(
           scores[f"nfe{nfe}/energy_distance"], rel=1e-3)
-    value, nfe_used = row[4].removesuffix(" NFE)").split(" (")
-    assert float(value) == pytest.approx(scores["ode/energy_distance"],
-                                         rel=1e-3)
-    # Dopri5: 1 evaluation to start, 6 per step.
-    assert int(nfe_used) == round(scores["ode/nfe_used"])
-    assert (scores["ode/nfe_used"] - 1) % 6 == 0
+    if objective == CONSISTENCY:
+      assert row[5] == "–" and "ode/nfe_used" not in scores
+    else:
+      value, nfe_used = row[5].removesuffix(" NFE)").split(" (")
+      assert float(value) == pytest.approx(scores["ode/energy_distance"],
+                                           rel=1e-3)
+      # Dopri5: 1 evaluation to start, 6 per step.
+      assert int(nfe_used) == round(scores["ode/nfe_used"])
+      assert (scores["ode/nfe_used"] - 1) % 6 == 0
     # A student's teacher column: flow matching's adaptive figure.
-    assert row[5] == (rows[1][4] if objective in STUDENTS else "–")
+    assert row[6] == (rows[1][5] if objective in STUDENTS else "–")
   assert "- distilled: objective.name=distilled distils a teacher" in table
   assert list(saved["left_out"]) == ["distilled"]
-  flops = {row[0]: float(row[6]) for row in rows[1:]}
+  flops = {row[0]: float(row[7]) for row in rows[1:]}
   # MeanFlow's step adds a JVP to flow matching's forward and backward;
   # distilled, a teacher's forward pass.
   assert flops["flow_matching"] == 1.0 and flops["meanflow"] > 1.1
@@ -112,16 +116,22 @@ def test_compare_writes_its_files_and_reuses_finished_runs(tmp_path,
           and saved["runs"][STUDENTS[0]]["checkerboard"]["teacher"]
           == teacher_file)
 
-  # One row of cells per objective, one column per NFE, each with points.
+  # One row of cells per objective, one column per NFE, each with points
+  # (but the consistency model's blank 'ode').
   picture = np.asarray(Image.open(os.path.join(out, "samples.png"))
                        .convert("L"))
   cell = int(compare.CELL_INCHES * compare.DPI)
   rows_drawn = len(OBJECTIVES + STUDENTS)
   assert picture.shape == (rows_drawn * cell, len(compare.NFES) * cell)
-  for i in range(rows_drawn):
-    for j in range(len(compare.NFES)):
+  dark = {}
+  for i, objective in enumerate(OBJECTIVES + STUDENTS):
+    for j, nfe in enumerate(compare.NFES):
       block = picture[i * cell:(i + 1) * cell, j * cell:(j + 1) * cell]
-      assert (block < 100).sum() > 100, (i, j)
+      dark[objective, nfe] = (block < 100).sum()
+  blank = dark.pop((CONSISTENCY, "ode"))
+  # Points and a frame in every cell; in the blank one, only the edges of
+  # its neighbours' frames (the grid sits a margin off the cell raster).
+  assert min(dark.values()) > 2 * max(blank, 100), (blank, dark)
 
   before = _mtimes(out)
   again = compare.compare("toy2d", out, **kwargs)

@@ -9,15 +9,16 @@ Trains one run per objective (and per dataset: the toy2d suite has the
 checkerboard and the two moons) in OUTPUT/<objective>/<dataset>, from
 configs/<suite>.py:objective=NAME, the schedule every objective shares
 (`--steps`, `--set` change it for all). Runs train only; then the last
-checkpoint is scored as `--mode=eval` does, at 1, 2 and 4 NFE of the
+checkpoint is scored as `--mode=eval` does, at 1, 2, 4 and 128 NFE of the
 objective's own sampler and the adaptive 'ode' reference (Dopri5 on the
-instantaneous velocity, eval.ode_rtol/ode_atol): eval/<steps>.json, keys
+instantaneous velocity, eval.ode_rtol/ode_atol; not for the consistency
+models, which never learn it): eval/<steps>.json, keys
 'nfe1/...', 'ode/...' and 'ode/nfe_used'. The same compiled samplers draw
 the figure's samples (compare_samples_<steps>.npz). A run with both files
 is reused, not retrained; an unfinished one resumes. Then writes
 
 - OUTPUT/table.md: per dataset and metric, one row per objective, columns
-  1, 2, 4 NFE and 'ode' (its mean NFE in brackets), and the compiled
+  1, 2, 4, 128 NFE and 'ode' (its mean NFE in brackets), and the compiled
   training step's FLOPs over flow matching's (one device, the run's batch);
 - OUTPUT/results.json: each run's eval JSON, FLOPs and workdir;
 - OUTPUT/samples.png: one row per run, one column per NFE (2-D scatter
@@ -57,7 +58,11 @@ from mf_jax.training import throughput
 from mf_jax.training import trainer
 
 # The table's schedules: few-step figures and the many-step reference.
-NFES = (1, 2, 4, "ode")
+# Each objective's own sampler at 1, 2, 4 and 128 steps (many steps: flow
+# matching's Euler-128 is what the adaptive solve is held against; 128 is
+# on shortcut's finest d-grid), then the adaptive solve of the
+# instantaneous velocity.
+NFES = (1, 2, 4, 128, "ode")
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
 BASELINE = "flow_matching"  # and the students' teacher
@@ -107,6 +112,14 @@ def row_learns_from(row: str) -> str:
   if row == DISTILLED_MEANFLOW:
     return "teacher"
   return objectives.learns_from(row)
+
+
+def row_nfes(row: str) -> tuple:
+  """NFES, less 'ode' for a consistency model: it never learns h = 0, so
+  the ODE of its instantaneous velocity says nothing about it."""
+  if objectives.get(row_objective(row)).SAMPLER == "consistency":
+    return tuple(nfe for nfe in NFES if nfe != "ode")
+  return NFES
 
 
 def teacher_files(output: str, dataset: str) -> tuple[str, str]:
@@ -167,7 +180,7 @@ def run_config(suite: Suite, row: str, dataset: str,
     _override(c, field, text)
   if steps:
     c.training.num_steps = steps
-  c.eval.update(nfe=NFES, every_steps=0)
+  c.eval.update(nfe=row_nfes(row), every_steps=0)
   c.sample.every_steps = 0
   if num_samples:
     c.eval.num_samples = num_samples
@@ -192,10 +205,10 @@ def prepare_teacher(suite: Suite, output: str, dataset: str, config,
                    rtol=config.eval.ode_rtol, atol=config.eval.ode_atol)
 
 
-def metric_keys(suite: Suite) -> list[str]:
+def metric_keys(suite: Suite, nfes) -> list[str]:
   keys = [f"{samplers.schedule_name(nfe)}/{metric}"
-          for nfe in NFES for metric in suite.metrics]
-  return keys + ["ode/nfe_used"]
+          for nfe in nfes for metric in suite.metrics]
+  return keys + (["ode/nfe_used"] if "ode" in nfes else [])
 
 
 def check_configs(configs: dict):
@@ -218,7 +231,8 @@ def run(config, workdir: str, kind: str, keys: list[str]):
   steps = config.training.num_steps
   eval_path = os.path.join(workdir, "eval", f"{steps}.json")
   samples_path = os.path.join(workdir, f"compare_samples_{steps}.npz")
-  names = [samplers.schedule_name(nfe) for nfe in NFES]
+  nfes = tuple(config.eval.nfe)
+  names = [samplers.schedule_name(nfe) for nfe in nfes]
   if (files.exists(eval_path) and files.exists(samples_path)
       and set(keys) <= set(files.read_json(eval_path))):
     with np.load(samples_path) as cached:
@@ -245,7 +259,7 @@ def run(config, workdir: str, kind: str, keys: list[str]):
   params = exp.eval_params(state)
   rng = jax.random.key(config.training.seed + 3)
   samples = {}
-  for name, nfe in zip(names, NFES):
+  for name, nfe in zip(names, nfes):
     if kind == "toy2d":
       samples[name], _ = evaluator.generate(params, rng, SCATTER_POINTS, nfe,
                                             "random")
@@ -289,26 +303,30 @@ def table_markdown(suite: Suite, results: dict, steps: int) -> str:
   """table.md: one section per dataset and metric."""
   first = next(iter(next(iter(results["runs"].values())).values()))
   rtol, atol = first["ode_rtol"], first["ode_atol"]
+  steps_columns = [nfe for nfe in NFES if nfe != "ode"]
   lines = [
       f"# {suite.config}: {steps} training steps per objective", "",
-      "Columns 1, 2, 4: NFE of each objective's own sampler; `ode`: "
-      f"adaptive Dopri5 on the instantaneous velocity (h = 0, rtol {rtol:g}, "
-      f"atol {atol:g}), its mean NFE in brackets. teacher: a student's "
-      f"teacher ({BASELINE}'s run of the dataset) at 'ode'. Step FLOPs: the "
-      "compiled training step (one device; a student's includes its "
-      "teacher's passes) over flow matching's.", ""]
+      "Columns " + ", ".join(map(str, steps_columns)) + ": NFE of each "
+      "objective's own sampler (flow matching: Euler; score_sde: "
+      "Euler-Maruyama); `ode`: adaptive Dopri5 on the instantaneous velocity "
+      f"(h = 0, rtol {rtol:g}, atol {atol:g}), its mean NFE in brackets, "
+      "'–' for the consistency models, which never learn h = 0. teacher: a "
+      f"student's teacher ({BASELINE}'s run of the dataset) at 'ode'. Step "
+      "FLOPs: the compiled training step (one device; a student's includes "
+      "its teacher's passes) over flow matching's.", ""]
+  header = ([f"{nfe} NFE" for nfe in steps_columns]
+            + ["ode", "teacher", "step FLOPs vs flow matching"])
   for dataset in suite.datasets:
     for metric, lower in zip(suite.metrics, suite.lower_is_better):
       better = "lower" if lower else "higher"
       lines += [f"## {dataset}: {metric} ({better} is better)", "",
-                "| objective | 1 NFE | 2 NFE | 4 NFE | ode | teacher | step "
-                "FLOPs vs flow matching |",
-                "|---|---|---|---|---|---|---|"]
+                "| objective | " + " | ".join(header) + " |",
+                "|---" * (len(header) + 1) + "|"]
       for objective, runs in results["runs"].items():
         run = runs[dataset]
         scores = run["eval"]
         cells = [_format(scores.get(f"{samplers.schedule_name(nfe)}/{metric}"))
-                 for nfe in NFES[:-1]]
+                 for nfe in steps_columns]
         cells.append(_format(scores.get(f"ode/{metric}"),
                              scores.get("ode/nfe_used")))
         teacher = results["runs"][BASELINE][dataset]["eval"] if run.get(
@@ -342,19 +360,21 @@ def samples_figure(suite: Suite, samples: dict, results: dict, path: str):
     for j, nfe in enumerate(NFES):
       name = samplers.schedule_name(nfe)
       ax = axes[i, j]
-      x = samples[objective, dataset][name]
-      if x.ndim == 2:  # 2-D points
+      ax.set_xticks([])
+      ax.set_yticks([])
+      x = samples[objective, dataset].get(name)
+      if x is None:  # not sampled (a consistency model's 'ode')
+        ax.set_axis_off()
+      elif x.ndim == 2:  # 2-D points
         ax.scatter(x[:, 0], x[:, 1], s=0.3, c="k", linewidths=0)
         ax.set_xlim(-3.5, 3.5)
         ax.set_ylim(-3.5, 3.5)
       else:
         ax.imshow(images.image_grid(x, columns=5), cmap="gray", vmin=0,
                   vmax=255)
-      ax.set_xticks([])
-      ax.set_yticks([])
       if i == 0:
         ax.set_title("ode" if nfe == "ode" else f"{nfe} NFE", fontsize=8)
-      if nfe == "ode":  # the adaptive solve's own count, per run
+      if nfe == "ode" and x is not None:  # the adaptive solve's count
         ax.text(0.03, 0.97, f"{scores.get('ode/nfe_used', 0):.0f} NFE",
                 transform=ax.transAxes, fontsize=6, va="top", color="tab:red",
                 bbox=dict(facecolor="white", edgecolor="none", pad=1))
@@ -408,7 +428,6 @@ def compare(suite_name: str, output: str, objective_names=None,
       continue
     configs.update(runs)
   objective_names = [o for o in objective_names if o not in skipped]
-  keys = metric_keys(suite)
   results = {"suite": suite_name, "nfe": list(NFES), "runs": {},
              "left_out": skipped}
   samples = {}
@@ -419,7 +438,8 @@ def compare(suite_name: str, output: str, objective_names=None,
     if learns_from:
       prepare_teacher(suite, output, dataset, configs[BASELINE, dataset],
                       learns_from)
-    scores, samples[row, dataset], reused = run(config, workdir, kind, keys)
+    scores, samples[row, dataset], reused = run(
+        config, workdir, kind, metric_keys(suite, config.eval.nfe))
     results["runs"].setdefault(row, {})[dataset] = {
         "workdir": files.absolute(workdir), "reused": reused,
         "steps": config.training.num_steps, "eval": scores,
