@@ -159,9 +159,12 @@ def _override(config, field: str, text: str):
     value = text.lower() in ("1", "true", "yes")
   elif isinstance(old, (int, float, str)):
     value = type(old)(text)
+  elif isinstance(old, tuple) and old and len({type(v) for v in old}) == 1:
+    value = tuple(type(old[0])(item) for item in text.split(","))
   else:
-    raise ValueError(f"--set {field}: only numbers, booleans and strings "
-                     f"can be set here (it holds {old!r}).")
+    raise ValueError(f"--set {field}: only numbers, booleans, strings and "
+                     f"tuples of one type (items split by ',') can be set "
+                     f"here (it holds {old!r}).")
   config[section][name] = value
 
 
@@ -492,6 +495,7 @@ if __name__ == "__main__":
       "datasets", None, "A subset of the suite's datasets (default: all).")
   _SET = flags.DEFINE_multi_string(
       "set", None, "section.field=value for every run, e.g. "
-      "--set=training.batch_size=128 (changes the shared schedule).")
+      "--set=training.batch_size=128 or --set=training.ema_decays=0.99 "
+      "(changes the shared schedule).")
   flags.mark_flags_as_required(["suite", "output"])
   app.run(main)
