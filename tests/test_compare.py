@@ -17,6 +17,7 @@ from PIL import Image
 
 from mf_jax import export
 from mf_jax import objectives
+from mf_jax import samplers
 from mf_jax.data import pairs
 from mf_jax.tools import compare
 
@@ -83,9 +84,13 @@ def test_compare_writes_its_files_and_reuses_finished_runs(tmp_path,
     run_dir = os.path.join(out, objective, "checkerboard")
     scores = json.load(open(os.path.join(run_dir, "eval", f"{STEPS}.json")))
     assert saved["runs"][objective]["checkerboard"]["eval"] == scores
-    for cell, nfe in zip(row[1:5], (1, 2, 4, 128)):
+    specs = compare.row_nfes(compare.SUITES["toy2d"], objective)
+    for cell, spec in zip(row[1:5], specs):
       assert float(cell) == pytest.approx(
-          scores[f"nfe{nfe}/energy_distance"], rel=1e-3)
+          scores[f"{samplers.schedule_name(spec)}/energy_distance"], rel=1e-3)
+    # A consistency model's 2 NFE: its suite's tuned two-step schedule.
+    assert specs[1] == (compare.SUITES["toy2d"].consistency_two_step
+                        if objective == CONSISTENCY else 2)
     if objective == CONSISTENCY:
       assert row[5] == "–" and "ode/nfe_used" not in scores
     else:
