@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
       guidance_kappa=0.0,
       guidance_t_start=0.0,
       guidance_t_end=1.0,
+      guidance_passes="separate",  # kappa > 0: v_u, v_c in 2 passes or 1
       # Distillation: a frozen exported network (mf_jax.export safetensors)
       # and the CFG scale it is queried with (1: unguided).
       teacher="",

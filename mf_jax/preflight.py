@@ -18,6 +18,7 @@ import jax
 from etils import epath
 
 from mf_jax import samplers
+from mf_jax.objectives import guidance
 from mf_jax.evaluation import inception
 from mf_jax.training import state as state_lib
 
@@ -50,6 +51,8 @@ _RANGES = (
     ("training.ema_decays", "a tuple of decays in [0, 1)",
      lambda value: isinstance(value, (tuple, list))
      and all(_decay(d) for d in value)),
+    ("objective.guidance_passes", f"one of {guidance.PASSES}",
+     lambda value: value in guidance.PASSES),
     ("eval.every_steps", ">= 0 (0: off)", _at_least(0)),
     ("eval.batch_size", ">= 1", _at_least(1)),
     ("eval.labels", f"one of {samplers.LABEL_MODES}",

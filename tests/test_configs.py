@@ -199,6 +199,7 @@ OUT_OF_RANGE = [
     ("training.num_steps", 0, ">= 1"),
     ("training.log_every_steps", -1, ">= 0"),
     ("training.on_nonfinite", "ignore", "one of ('stop', 'skip')"),
+    ("objective.guidance_passes", "fused", "one of ('separate', 'batched')"),
     ("training.ema_decays", (0.999, 1.0), "decays in [0, 1)"),
     ("training.ema_decays", (-0.5,), "decays in [0, 1)"),
     ("eval.every_steps", -5, ">= 0"),

@@ -142,7 +142,8 @@ def test_meanflow_with_r_equal_t_is_flow_matching():
                              jnp.mean(jnp.sum((u - v) ** 2, -1)), rtol=1e-5)
 
 
-def test_guidance_matches_formula_and_is_one_batched_call():
+@pytest.mark.parametrize("passes", guidance.PASSES)
+def test_guidance_matches_formula_in_its_passes(passes):
   calls = []
 
   def u_fn(params, z, t, h, y, train):
@@ -155,9 +156,10 @@ def test_guidance_matches_formula_and_is_one_batched_call():
   y = jnp.arange(8, dtype=jnp.int32) % 3
   v = jnp.ones((8, 2))
   cfg = _config(guidance_omega=0.6, guidance_kappa=0.3, guidance_t_start=0.2,
-                guidance_t_end=0.7)
+                guidance_t_end=0.7, guidance_passes=passes)
   v_g = guidance.guided_velocity(u_fn, 0.0, z, t, y, v, cfg, num_classes=3)
-  assert calls == [16]  # v_uncond and v_cond in one doubled batch
+  # v_uncond and v_cond: two calls, or one on the doubled batch.
+  assert calls == ([8, 8] if passes == "separate" else [16])
   v_u = u_fn(0.0, z, t, 0 * t, jnp.full_like(y, 3), False)
   v_c = u_fn(0.0, z, t, 0 * t, y, False)
   expect = 0.6 * v + 0.1 * v_u + 0.3 * v_c
