@@ -18,8 +18,8 @@ import jax
 from etils import epath
 
 from mf_jax import samplers
-from mf_jax.objectives import guidance
 from mf_jax.evaluation import inception
+from mf_jax.objectives import guidance
 from mf_jax.training import state as state_lib
 
 ON_NONFINITE = ("stop", "skip")
