@@ -339,11 +339,11 @@ def table_markdown(suite: Suite, results: dict, steps: int) -> str:
       for objective, runs in results["runs"].items():
         run = runs[dataset]
         scores = run["eval"]
-        cells = [_format(None if nfe is None else scores.get(
-                     f"{samplers.schedule_name(nfe)}/{metric}"))
-                 for nfe in row_nfes(suite, objective)]
-        cells[-1] = _format(scores.get(f"ode/{metric}"),
-                            scores.get("ode/nfe_used"))
+        cells = [_format(scores.get(f"ode/{metric}"),
+                         scores.get("ode/nfe_used")) if nfe == "ode" else
+                 _format(None if spec is None else scores.get(
+                     f"{samplers.schedule_name(spec)}/{metric}"))
+                 for nfe, spec in zip(NFES, row_nfes(suite, objective))]
         teacher = results["runs"][BASELINE][dataset]["eval"] if run.get(
             "teacher") else {}
         cells.append(_format(teacher.get(f"ode/{metric}"),
