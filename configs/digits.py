@@ -20,6 +20,8 @@ def get_config(arg=None):
   c = config_lib.digits_config(arg.objective, arg.fraction_r_neq_t)
   if arg.objective == "shortcut":
     c.objective.adaptive_p = 0.0  # the official plain L2
+  if arg.objective == "ct":  # online target: mu0 = 0.9 is for 800k steps
+    c.objective.ct_mu0 = 0.0  # (objectives/ct.py)
   if arg.objective in ("sct", "scd"):  # their learned weight w(t)
     c.model.adaptive_weight_dim = 128
   if arg.objective in ("sct", "scd", "ayf"):  # a 10 % tangent warm-up

@@ -40,6 +40,8 @@ def get_config(arg=None):
                 batch_size=2000)
   if arg.objective == "shortcut":  # trained on steps 1/2^k, k <= log2 128
     c.eval.nfe = (1, 2, 128)
+  if arg.objective == "ct":  # online target: mu0 = 0.9 is for 800k steps
+    c.objective.ct_mu0 = 0.0  # (objectives/ct.py)
   if arg.objective in ("sct", "scd"):  # their learned weight w(t)
     c.model.adaptive_weight_dim = 128
     c.objective[f"{arg.objective}_sigma_d"] = 1.0  # data std ~1.15

@@ -8,12 +8,16 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mf_jax import config_lib
 from mf_jax import sharding
 from mf_jax.evaluation import evaluator as evaluator_lib
+from mf_jax.training import state as state_lib
+from mf_jax.training import step as step_lib
 from mf_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,13 +234,13 @@ def _steps_on_random_batches(config, count):
   return logged, state, first_leaf
 
 
-def test_norms_only_at_log_steps_and_donation_by_backend():
+def test_norms_and_donation_by_backend():
   c = tiny_toy_config(num_steps=5)
   c.training.log_every_steps = 2
   logged, state, first_leaf = _steps_on_random_batches(c, 5)
-  computed = [bool(np.isfinite(m["grad_norm"])) for m in logged]
-  assert computed == [False, True, False, True, True]  # 2, 4 and the last
-  # The norm is the parameters' own, where it is computed.
+  assert all(np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
+             for m in logged)
+  # The norm is the updated parameters' own.
   assert logged[-1]["param_norm"] == pytest.approx(
       float(np.sqrt(sum(np.sum(np.square(x))
                         for x in jax.tree.leaves(state.params)))), rel=1e-5)
@@ -245,3 +249,35 @@ def test_norms_only_at_log_steps_and_donation_by_backend():
   c.training.donate_state = "always"
   _, _, first_leaf = _steps_on_random_batches(c, 1)
   assert first_leaf.is_deleted()
+
+
+def test_a_nan_gradient_under_a_finite_loss_drops_the_update():
+  """The step checks the loss and the updated parameters, not the
+  gradients on their own: Adam must carry a NaN gradient into the
+  parameters (even at lr 0), so the update is still dropped."""
+  params = {"w": np.ones(3, np.float32), "b": np.ones(2, np.float32)}
+
+  def loss_fn(p, batch, rng, context):
+    del batch, rng, context  # sqrt's derivative at 0 is inf: inf * 0 = NaN
+    value = jnp.sum(jnp.sqrt(jnp.abs(p["w"]) * 0)) + jnp.sum(p["b"] ** 2)
+    return value, {"loss": value}
+
+  for lr in (1e-3, 0.0):
+    tx = optax.adamw(lr)
+    zero = jnp.zeros((), jnp.int32)
+    state = state_lib.TrainState(
+        step=zero, params=params, opt_state=tx.init(params),
+        ema_params={"0.9": params}, target_params={}, nonfinite_step=zero,
+        nonfinite_what=zero, skipped_steps=zero)
+    new, metrics = step_lib.train_step(
+        state, {}, jax.random.key(0), {}, loss_fn=loss_fn, tx=tx,
+        schedule=lambda step: lr)
+    assert np.isfinite(metrics["loss"])
+    assert int(new.skipped_steps) == 1 and int(new.nonfinite_step) == 1
+    assert int(new.nonfinite_what) == (step_lib.NONFINITE_GRAD
+                                       | step_lib.NONFINITE_PARAMS)
+    for a, b in zip(jax.tree.leaves((new.params, new.opt_state,
+                                     new.ema_params)),
+                    jax.tree.leaves((params, state.opt_state,
+                                     state.ema_params))):
+      np.testing.assert_array_equal(a, b)

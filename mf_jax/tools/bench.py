@@ -6,7 +6,8 @@ r"""Benchmarks the train step of flow matching and MeanFlow on one backbone.
 
 Prints one JSON object with entries `flow_matching`, `meanflow` (no
 guidance), `meanflow_cfg0` (omega = 2, kappa = 0: one extra forward pass)
-and `meanflow_cfg` (kappa > 0: two guidance velocities in one batched pass),
+and `meanflow_cfg` (kappa > 0: two guidance velocities, in the passes
+`objective.guidance_passes` says),
 each with `flops` and `temp_bytes` of the compiled step and the median
 `step_seconds` over timed steps after a warm-up, all in this process, and
 the FLOP ratios to flow matching.
@@ -229,7 +230,7 @@ def main(argv):
   del argv
   if _AGAINST.value:
     results = compare(_CONFIG.value, _BATCH.value, _ROUNDS.value,
-                      _STEPS_PER_ROUND.value)
+                      _STEPS_PER_ROUND.value, _VARIANTS.value)
     print(json.dumps(results, sort_keys=True))
     print()
     print(f"batch {results['batch_size']}, {results['device']}")
@@ -252,5 +253,8 @@ if __name__ == "__main__":
                                  "timing rounds per variant.")
   _STEPS_PER_ROUND = flags.DEFINE_integer(
       "steps_per_round", 2, "--against: steps of each step per round.")
+  _VARIANTS = flags.DEFINE_list(
+      "variants", None, "--against: only these variants (default: all; "
+      "flow_matching, meanflow, meanflow_cfg0, meanflow_cfg).")
   flags.mark_flags_as_required(["config"])
   app.run(main)

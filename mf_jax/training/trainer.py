@@ -85,9 +85,7 @@ class Experiment:
         self.schedule, self.state_shardings, self.mesh,
         objectives.make_target_update(self.config), teacher_apply,
         jax.tree.map(lambda a: a.sharding, frozen),
-        donate=step_lib.donates_state(training.donate_state, self.mesh),
-        is_log_step=step_lib.log_step_predicate(
-            training.log_every_steps, training.num_steps, self.mesh))
+        donate=step_lib.donates_state(training.donate_state, self.mesh))
 
   def abstract_batch(self, batch_size=None):
     """Shapes and shardings of a global batch, for ahead-of-time lowering."""
