@@ -457,7 +457,10 @@ def test_worker_start_clears_stale_runs_detaches_logs_and_stops(
        str(paths["code"] / "launch" / "tpu_worker.sh"), str(workdir)],
       env=dict(env, MF_JAX_DISTRIBUTED="1", FAKE_HOLDER_PID=str(holder.pid),
                JAX_COMPILATION_CACHE_DIR=f"{workdir}/jax_cache"),
-      stdout=subprocess.PIPE, text=True, start_new_session=True)
+      stdout=subprocess.PIPE, text=True, start_new_session=True,
+      # An ssh session dies of SIGHUP, even where this test runs with it
+      # ignored (under nohup: an ignored signal is inherited).
+      preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
   paths["started"].append(launch)
   said = _lines_until(launch.stdout, "launched")
   assert said[0].startswith("tpu_worker.sh: SIGTERM to trainer")
