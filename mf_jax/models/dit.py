@@ -77,8 +77,14 @@ def unpatchify(x_bnk, grid_h: int, grid_w: int, patch: int, channels: int):
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection.
 
-  Uses XLA's attention (no custom_vjp kernel), so jax.jvp and jax.grad of
-  jax.jvp work through it, as the MeanFlow loss needs.
+  Plain einsums and softmax (no custom_vjp kernel), so jax.jvp and jax.grad
+  of jax.jvp work through it, as the MeanFlow loss needs. The fused output
+  is transposed once to (3, B, heads, N, head_dim) and split, as timm and
+  the official code do: slicing q, k, v out of the (B, N, 3, ...) layout
+  instead made the backward pass build the qkv gradient from three padded
+  full-size copies, and `jax.nn.dot_product_attention` transposed each of
+  q, k, v on its own (forward and backward of DiT-S/4 at batch 8 on
+  XLA:CPU: 1.01x the official layout's time; this layout 0.96x).
   """
   num_heads: int
   dtype: Any
@@ -86,11 +92,18 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_bnd):
     b, n, d = x_bnd.shape
+    h = self.num_heads
     qkv = _dense(3 * d, self.dtype, "qkv")(x_bnd)
-    qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    out = jax.nn.dot_product_attention(
-        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation="xla")
-    return _dense(d, self.dtype, "proj")(out.reshape(b, n, d))
+    qkv_3bhnk = qkv.reshape(b, n, 3, h, d // h).transpose(2, 0, 3, 1, 4)
+    q, k, v = (a[0] for a in jnp.split(qkv_3bhnk, 3, axis=0))
+    # Logits and softmax in float32 under bfloat16 compute, as
+    # jax.nn.dot_product_attention does.
+    logits_bhnm = jnp.einsum("bhnk,bhmk->bhnm", q * (d // h) ** -0.5, k,
+                             preferred_element_type=jnp.float32)
+    weights_bhnm = jax.nn.softmax(logits_bhnm, axis=-1).astype(v.dtype)
+    out_bhnk = jnp.einsum("bhnm,bhmk->bhnk", weights_bhnm, v)
+    out_bnd = out_bhnk.transpose(0, 2, 1, 3).reshape(b, n, d)
+    return _dense(d, self.dtype, "proj")(out_bnd)
 
 
 class Mlp(nn.Module):
