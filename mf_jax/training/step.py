@@ -38,8 +38,8 @@ def train_step(state: TrainState, batch, rng, frozen, *, loss_fn, tx,
   a non-finite gradient into every parameter it touches (m and v turn
   non-finite, the update is NaN even at lr 0), so the check of the updated
   parameters catches it; the gradient norm then says which it was.
-  With the attention layout of models/dit.py (this stop's), no checks and
-  no norms measured 0.97-0.98 and this step 1.02-1.05 (two runs of 10
+  With the attention layout of models/dit.py, no checks and
+  no norms measured 0.97-0.98 and the step 1.02-1.05 (two runs of 10
   interleaved rounds): what remains over the reference is this monitoring.
   """
   rng = jax.random.fold_in(rng, state.step)
