@@ -93,12 +93,13 @@ class Attention(nn.Module):
   def __call__(self, x_bnd):
     b, n, d = x_bnd.shape
     h = self.num_heads
+    head_dim = d // h
     qkv = _dense(3 * d, self.dtype, "qkv")(x_bnd)
-    qkv_3bhnk = qkv.reshape(b, n, 3, h, d // h).transpose(2, 0, 3, 1, 4)
+    qkv_3bhnk = qkv.reshape(b, n, 3, h, head_dim).transpose(2, 0, 3, 1, 4)
     q, k, v = (a[0] for a in jnp.split(qkv_3bhnk, 3, axis=0))
     # Logits and softmax in float32 under bfloat16 compute, as
     # jax.nn.dot_product_attention does.
-    logits_bhnm = jnp.einsum("bhnk,bhmk->bhnm", q * (d // h) ** -0.5, k,
+    logits_bhnm = jnp.einsum("bhnk,bhmk->bhnm", q * head_dim ** -0.5, k,
                              preferred_element_type=jnp.float32)
     weights_bhnm = jax.nn.softmax(logits_bhnm, axis=-1).astype(v.dtype)
     out_bhnk = jnp.einsum("bhnm,bhmk->bhnk", weights_bhnm, v)
