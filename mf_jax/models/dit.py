@@ -38,6 +38,20 @@ def _dense(features, dtype, name, zero=False):
                   dtype=dtype, name=name)
 
 
+def tokenwise(layer, x_bnd):
+  """`layer` applied to (B*N, D) rows, reshaped back to (B, N, features).
+
+  Same result and parameters as calling it on (B, N, D). Why: the weight
+  gradient of a Dense on a 3-D input contracts two axes, and XLA:CPU then
+  transposes the (B, N, F) output gradient into an (F, B*N) copy before
+  the dot; on 2-D rows the dot reads it in place. Forward and backward of
+  one DiT-S fc1 (B*N = 512, 384 -> 1536): 6.8 ms on (B, N, D), 4.3 on
+  rows. On TPU the merge of B and N is a free bitcast.
+  """
+  rows_k = layer(x_bnd.reshape(-1, x_bnd.shape[-1]))
+  return rows_k.reshape(*x_bnd.shape[:-1], rows_k.shape[-1])
+
+
 def _layer_norm(dtype):
   return nn.LayerNorm(epsilon=LN_EPS, use_bias=False, use_scale=False,
                       dtype=dtype)
@@ -94,7 +108,7 @@ class Attention(nn.Module):
     b, n, d = x_bnd.shape
     h = self.num_heads
     head_dim = d // h
-    qkv = _dense(3 * d, self.dtype, "qkv")(x_bnd)
+    qkv = tokenwise(_dense(3 * d, self.dtype, "qkv"), x_bnd)
     qkv_3bhnk = qkv.reshape(b, n, 3, h, head_dim).transpose(2, 0, 3, 1, 4)
     q, k, v = (a[0] for a in jnp.split(qkv_3bhnk, 3, axis=0))
     # Logits and softmax in float32 under bfloat16 compute, as
@@ -104,7 +118,7 @@ class Attention(nn.Module):
     weights_bhnm = jax.nn.softmax(logits_bhnm, axis=-1).astype(v.dtype)
     out_bhnk = jnp.einsum("bhnm,bhmk->bhnk", weights_bhnm, v)
     out_bnd = out_bhnk.transpose(0, 2, 1, 3).reshape(b, n, d)
-    return _dense(d, self.dtype, "proj")(out_bnd)
+    return tokenwise(_dense(d, self.dtype, "proj"), out_bnd)
 
 
 class Mlp(nn.Module):
@@ -113,9 +127,9 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x_bnd):
-    y = _dense(self.hidden, self.dtype, "fc1")(x_bnd)
+    y = tokenwise(_dense(self.hidden, self.dtype, "fc1"), x_bnd)
     y = nn.gelu(y, approximate=True)
-    return _dense(x_bnd.shape[-1], self.dtype, "fc2")(y)
+    return tokenwise(_dense(x_bnd.shape[-1], self.dtype, "fc2"), y)
 
 
 class DiTBlock(nn.Module):
@@ -151,7 +165,8 @@ class FinalLayer(nn.Module):
         nn.silu(c_bd))
     shift, scale = jnp.split(mod, 2, axis=-1)
     x_bnd = modulate(_layer_norm(self.dtype)(x_bnd), shift, scale)
-    return _dense(self.out_features, self.dtype, "linear", zero=True)(x_bnd)
+    return tokenwise(
+        _dense(self.out_features, self.dtype, "linear", zero=True), x_bnd)
 
 
 class DiT(nn.Module):
