@@ -215,11 +215,11 @@ def test_no_sample_only_evaluation_without_a_score():
                                  (8, 8, 1)).scores_samples
 
 
-def _steps_on_random_batches(config, count):
+def _steps_on_random_batches(config, count, norms=True):
   """(metrics per step, state after, the first state's leaf) of `count`
   steps of config's compiled step from a fresh state."""
   exp = trainer.Experiment(config, workdir="")
-  step, _ = exp.compile_train_step()
+  step, _ = exp.compile_train_step(norms=norms)
   state = exp.new_state()
   first_leaf = jax.tree.leaves(state.params)[0]
   batch_spec = exp.abstract_batch()
@@ -244,6 +244,14 @@ def test_norms_and_donation_by_backend():
   assert logged[-1]["param_norm"] == pytest.approx(
       float(np.sqrt(sum(np.sum(np.square(x))
                         for x in jax.tree.leaves(state.params)))), rel=1e-5)
+  # The log steps' program adds only the norms: the other steps' program
+  # leaves the same state and metrics.
+  plain, plain_state, _ = _steps_on_random_batches(c, 5, norms=False)
+  assert not {"grad_norm", "param_norm"} & set(plain[-1])
+  for key, value in plain[-1].items():
+    np.testing.assert_array_equal(value, logged[-1][key])
+  for a, b in zip(jax.tree.leaves(plain_state), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
   # 'auto' on CPU keeps the state's buffers; 'always' hands them over.
   assert not first_leaf.is_deleted()
   c.training.donate_state = "always"

@@ -12,6 +12,10 @@ each with `flops` and `temp_bytes` of the compiled step and the median
 `step_seconds` over timed steps after a warm-up, all in this process, and
 the FLOP ratios to flow matching.
 
+The project's step is the program a run executes between log steps; the
+log steps' program adds the gradient and parameter norms (~4 % more time,
+training/step.py).
+
 `--against=official-structure` compares each variant's step with the
 official code's step structure (tools/reference_step.py: official DiT
 layout and attention, separate guidance passes, no donation) built from the

@@ -18,33 +18,34 @@ class NonFiniteError(FloatingPointError):
 
 
 def train_step(state: TrainState, batch, rng, frozen, *, loss_fn, tx,
-               schedule, target_update=None, teacher_apply=None):
+               schedule, target_update=None, teacher_apply=None,
+               norms=True):
   """One update. The step is folded into the RNG, so a resumed run draws
   the same noise and times as an uninterrupted one.
 
-  A step whose loss, gradient or updated parameters are not finite changes
-  nothing but the step counter and the non-finite record (both
-  `on_nonfinite` policies drop its update): the state stays finite, so it
-  can never be saved poisoned, and the host learns of it from one scalar it
-  reads at log and save steps.
+  A step whose loss or updated parameters are not finite changes nothing
+  but the step counter and the non-finite record (both `on_nonfinite`
+  policies drop its update): the state stays finite, so it can never be
+  saved poisoned, and the host learns of it from one scalar it reads at
+  log and save steps. The gradients are not checked on their own: Adam
+  carries a non-finite gradient into every parameter it touches (m and v
+  turn non-finite, the update is NaN even at lr 0), so the check of the
+  updated parameters catches it.
 
-  What that costs was measured (tools/bench, DiT-S/4 batch 8, XLA:CPU,
-  step time over the reference structure's, in one process): no checks and
-  no norms 1.03; the parameter and gradient norms every step 1.09; plus
-  the check of the updated parameters 1.10; plus a separate check of the
-  gradients 1.14; norms only at log steps behind a `lax.cond` 1.21 (its
-  operands are copied: +127 MiB of temporaries). So the norms are computed
-  every step and the gradients are not checked on their own: Adam carries
-  a non-finite gradient into every parameter it touches (m and v turn
-  non-finite, the update is NaN even at lr 0), so the check of the updated
-  parameters catches it; the gradient norm then says which it was.
-  With the attention layout of models/dit.py, no checks and no norms
-  measured 0.97-0.98 and this step 1.02-1.05 (two runs of 10 interleaved
-  rounds): what remains over the reference is this monitoring. One sum of
-  squares of the updated parameters for both their norm and the check
-  saved ~8 ms of the update's 103 at S/4, but it flags finite parameters
-  whose squares overflow (lr 1e30 then stops at 'parameters', not at the
-  loss, tests/test_checkpoints.py), so the check stays exact.
+  `norms` adds the gradient and parameter norms to the metrics (and names
+  a non-finite gradient as the cause). The trainer runs that variant only
+  at log steps, where the metrics are read: a reduction over the
+  gradients costs ~4 % of a step, because the gradients then have a
+  second reader besides the Adam update (DiT-S/4 batch 8, XLA:CPU, step
+  time over the reference structure's, one process, 16 interleaved
+  rounds: no checks 0.88-0.89, the checks 0.90, the gradient norm alone
+  0.92, the checks and both norms 0.95-0.96; a finiteness sum over the
+  gradients cost as much as their norm, one over the optimizer state
+  more). Norms
+  behind a `lax.cond` cost more than computing them (the operands are
+  copied). One sum of squares of the updated parameters for both their
+  norm and the check flags finite parameters whose squares overflow, so
+  the check stays exact.
   """
   rng = jax.random.fold_in(rng, state.step)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -69,13 +70,15 @@ def train_step(state: TrainState, batch, rng, frozen, *, loss_fn, tx,
   new = (params, opt_state, ema_params, target_params)
   old = (state.params, state.opt_state, state.ema_params,
          state.target_params)
-  grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
   # The decision leaf by leaf, not through the parameter norm: a norm
-  # overflows to inf while every value is still finite. The gradient's bit
-  # only names the cause (a step it marks has non-finite parameters too).
+  # overflows to inf while every value is still finite.
   bad = {NONFINITE_LOSS: ~jnp.isfinite(loss),
-         NONFINITE_GRAD: ~jnp.isfinite(grad_norm),
          NONFINITE_PARAMS: ~_all_finite(params)}
+  metrics = dict(metrics, lr=schedule(state.step))
+  if norms:  # the gradient's bit only names the cause
+    metrics.update(grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params))
+    bad[NONFINITE_GRAD] = ~jnp.isfinite(metrics["grad_norm"])
   finite = ~(bad[NONFINITE_LOSS] | bad[NONFINITE_PARAMS])
   what = jnp.where(finite, 0, sum(bit * b for bit, b in bad.items()))
   params, opt_state, ema_params, target_params = jax.tree.map(
@@ -88,9 +91,7 @@ def train_step(state: TrainState, batch, rng, frozen, *, loss_fn, tx,
       nonfinite_step=jnp.where(first, step, state.nonfinite_step),
       nonfinite_what=jnp.where(first, what, state.nonfinite_what),
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-  metrics = dict(metrics, grad_norm=grad_norm, param_norm=param_norm,
-                 lr=schedule(state.step),
-                 skipped_steps=new_state.skipped_steps,
+  metrics.update(skipped_steps=new_state.skipped_steps,
                  nonfinite_step=new_state.nonfinite_step,
                  nonfinite_what=new_state.nonfinite_what)
   return new_state, metrics
@@ -136,15 +137,15 @@ def donates_state(setting: str, mesh) -> bool:
 
 def jit_train_step(loss_fn, tx, schedule, state_shardings, mesh,
                    target_update=None, teacher_apply=None,
-                   frozen_shardings=None, donate=True):
+                   frozen_shardings=None, donate=True, norms=True):
   """The jitted step(state, batch, rng, frozen) with explicit shardings
-  (the state donated if `donate`); `frozen` holds parameters the step
-  reads but never changes (a distillation teacher's), {} for most
-  objectives."""
+  (the state donated if `donate`, the norms computed if `norms`); `frozen`
+  holds parameters the step reads but never changes (a distillation
+  teacher's), {} for most objectives."""
   def step(state, batch, rng, frozen):
     return train_step(state, batch, rng, frozen, loss_fn=loss_fn, tx=tx,
                       schedule=schedule, target_update=target_update,
-                      teacher_apply=teacher_apply)
+                      teacher_apply=teacher_apply, norms=norms)
 
   replicated = sharding.replicated(mesh)
   return jax.jit(

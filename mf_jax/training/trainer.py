@@ -77,7 +77,9 @@ class Experiment:
     """(apply, frozen): the distillation teacher, loaded on first use."""
     return teacher_lib.load(self.config, self.mesh)
 
-  def jit_train_step(self):
+  def jit_train_step(self, norms=False):
+    """The jitted step; `norms` adds the gradient and parameter norms to
+    its metrics (the trainer's log steps), which costs ~4 % of a step."""
     teacher_apply, frozen = self.teacher
     training = self.config.training
     return step_lib.jit_train_step(
@@ -85,7 +87,8 @@ class Experiment:
         self.schedule, self.state_shardings, self.mesh,
         objectives.make_target_update(self.config), teacher_apply,
         jax.tree.map(lambda a: a.sharding, frozen),
-        donate=step_lib.donates_state(training.donate_state, self.mesh))
+        donate=step_lib.donates_state(training.donate_state, self.mesh),
+        norms=norms)
 
   def abstract_batch(self, batch_size=None):
     """Shapes and shardings of a global batch, for ahead-of-time lowering."""
@@ -105,18 +108,18 @@ class Experiment:
           (batch_size, augment_dim), jnp.float32, sharding=batch_sharding)
     return batch
 
-  def lower_train_step(self, batch_size=None):
+  def lower_train_step(self, batch_size=None, norms=False):
     """The train step lowered from abstract shapes: nothing is allocated
     (but a teacher's parameters, which are read)."""
     rng = jax.eval_shape(jax.random.key, 0)
-    return self.jit_train_step().lower(
+    return self.jit_train_step(norms).lower(
         self.abstract_state, self.abstract_batch(batch_size), rng,
         teacher_lib.abstract(self.teacher[1]))
 
-  def compile_train_step(self, batch_size=None):
+  def compile_train_step(self, batch_size=None, norms=False):
     """(step(state, batch, rng) -> (state, metrics), the compiled program):
     the call binds the frozen parameters; the program gives FLOPs/memory."""
-    compiled = self.lower_train_step(batch_size).compile()
+    compiled = self.lower_train_step(batch_size, norms).compile()
     frozen = self.teacher[1]
     return (lambda state, batch, rng: compiled(state, batch, rng, frozen),
             compiled)
@@ -331,7 +334,12 @@ def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
   # Compiled ahead of time from the abstract shapes: its FLOPs give the
   # model FLOPs utilisation, and a shape or sharding that does not fit
   # fails here, not at step one.
-  train_step, compiled = exp.compile_train_step()
+  log_every = config.training.log_every_steps
+  train_step, compiled = exp.compile_train_step(norms=log_every == 1)
+  # Log steps run a second program that adds the gradient and parameter
+  # norms, which would slow every step by ~4 % (training/step.py).
+  log_train_step = (train_step if log_every == 1
+                    else exp.compile_train_step(norms=True)[0])
   speed = throughput.StepRate(
       exp.mesh, throughput.compiled_flops(compiled), start_step)
   profile = throughput.ProfileWindow.from_config(config.profile, workdir)
@@ -355,14 +363,15 @@ def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
   for step in range(start_step + 1, num_steps + 1):
     batch = pipeline.to_global(next(data_iterator), batch_sharding)
     profile.before_step(step, wait_for=state)
-    state, metrics = train_step(state, batch, rng)
+    log_step = every(log_every, step)
+    state, metrics = (log_train_step if log_step else train_step)(
+        state, batch, rng)
     # At most two steps in flight: the device stays busy, the host never runs
     # far ahead (XLA:CPU's fake devices can deadlock in collectives when many
     # executions are queued).
     jax.block_until_ready(previous_metrics)
     previous_metrics = metrics
     progress(step)
-    log_step = every(config.training.log_every_steps, step)
     if log_step:
       metrics = jax.device_get(metrics)
       check_finite(config, metrics, step)
