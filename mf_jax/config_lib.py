@@ -73,9 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
       name="adamw", lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
       warmup_steps=0, schedule="constant", grad_clip_norm=0.0))
 
-  # on_nonfinite: "stop" (raise, naming the step and the quantity) or "skip"
-  # (drop the update of a step whose loss or gradient is not finite and
-  # count it in the metrics as `skipped_steps`). donate_state: "auto"
+  # on_nonfinite: "stop" (raise at the next log step or before the state is
+  # saved, sampled or evaluated, naming the first step whose loss or checked
+  # parameters are not finite, and the quantity) or "skip" (check every
+  # step, ~2 % slower; drop a bad step's update and count it in the metrics
+  # as `skipped_steps`). donate_state: "auto"
   # (accelerators reuse the state's memory in place; not on CPU, where it
   # costs time), "always" or "never".
   c.training = ml_collections.ConfigDict(dict(

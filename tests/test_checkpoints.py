@@ -206,6 +206,21 @@ def test_lr_1e30_stops_at_the_first_nonfinite_step_and_saves_none(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
 
+def test_stop_policy_ends_before_a_sample_grid_reads_the_state(tmp_path):
+  """Policy 'stop' keeps a non-finite step's update (no select over the
+  state); a sample grid between log steps must not draw from it."""
+  workdir = str(tmp_path / "run")
+  c = config(num_steps=12, **{"optimizer.lr": 1e30,
+                              "training.log_every_steps": 100,
+                              "checkpoint.every_steps": 0,
+                              "sample.every_steps": 3})
+  with pytest.raises(step_lib.NonFiniteError, match="at step 2"):
+    trainer.train_and_evaluate(c, workdir)
+  for written in ("samples", "checkpoints"):
+    path = os.path.join(workdir, written)
+    assert not os.path.exists(path) or not os.listdir(path), written
+
+
 def test_skip_policy_drops_nonfinite_updates(tmp_path):
   workdir = str(tmp_path / "run")
   c = config(num_steps=8, **{"optimizer.lr": 1e30,

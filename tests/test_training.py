@@ -215,11 +215,11 @@ def test_no_sample_only_evaluation_without_a_score():
                                  (8, 8, 1)).scores_samples
 
 
-def _steps_on_random_batches(config, count, norms=True):
+def _steps_on_random_batches(config, count, checked=True):
   """(metrics per step, state after, the first state's leaf) of `count`
   steps of config's compiled step from a fresh state."""
   exp = trainer.Experiment(config, workdir="")
-  step, _ = exp.compile_train_step(norms=norms)
+  step, _ = exp.compile_train_step(checked=checked)
   state = exp.new_state()
   first_leaf = jax.tree.leaves(state.params)[0]
   batch_spec = exp.abstract_batch()
@@ -244,9 +244,9 @@ def test_norms_and_donation_by_backend():
   assert logged[-1]["param_norm"] == pytest.approx(
       float(np.sqrt(sum(np.sum(np.square(x))
                         for x in jax.tree.leaves(state.params)))), rel=1e-5)
-  # The log steps' program adds only the norms: the other steps' program
-  # leaves the same state and metrics.
-  plain, plain_state, _ = _steps_on_random_batches(c, 5, norms=False)
+  # The log steps' program adds only checks and norms: the other steps'
+  # program leaves the same state and metrics.
+  plain, plain_state, _ = _steps_on_random_batches(c, 5, checked=False)
   assert not {"grad_norm", "param_norm"} & set(plain[-1])
   for key, value in plain[-1].items():
     np.testing.assert_array_equal(value, logged[-1][key])
@@ -257,6 +257,14 @@ def test_norms_and_donation_by_backend():
   c.training.donate_state = "always"
   _, _, first_leaf = _steps_on_random_batches(c, 1)
   assert first_leaf.is_deleted()
+
+
+def _state_of(params, tx):
+  zero = jnp.zeros((), jnp.int32)
+  return state_lib.TrainState(
+      step=zero, params=params, opt_state=tx.init(params),
+      ema_params={"0.9": params}, target_params={}, nonfinite_step=zero,
+      nonfinite_what=zero, skipped_steps=zero)
 
 
 def test_a_nan_gradient_under_a_finite_loss_drops_the_update():
@@ -272,11 +280,7 @@ def test_a_nan_gradient_under_a_finite_loss_drops_the_update():
 
   for lr in (1e-3, 0.0):
     tx = optax.adamw(lr)
-    zero = jnp.zeros((), jnp.int32)
-    state = state_lib.TrainState(
-        step=zero, params=params, opt_state=tx.init(params),
-        ema_params={"0.9": params}, target_params={}, nonfinite_step=zero,
-        nonfinite_what=zero, skipped_steps=zero)
+    state = _state_of(params, tx)
     new, metrics = step_lib.train_step(
         state, {}, jax.random.key(0), {}, loss_fn=loss_fn, tx=tx,
         schedule=lambda step: lr)
@@ -289,3 +293,27 @@ def test_a_nan_gradient_under_a_finite_loss_drops_the_update():
                     jax.tree.leaves((params, state.opt_state,
                                      state.ema_params))):
       np.testing.assert_array_equal(a, b)
+
+
+def test_policy_stop_records_the_first_nonfinite_step_and_keeps_it():
+  """drop_nonfinite=False: no select, no step counts as skipped. lr = 1e38
+  moves w by -1e38 a step (Adam's update of a constant gradient is 1), so
+  step 4's update overflows to -inf while its loss (w before the update)
+  is finite: a checked step names step 4 and the parameters, an unchecked
+  one only sees step 5's loss."""
+  def loss_fn(p, batch, rng, context):
+    del batch, rng, context
+    return p["w"][0], {"loss": p["w"][0]}
+
+  tx = optax.adam(1e38)
+  for checked, first, what in ((True, 4, step_lib.NONFINITE_PARAMS),
+                               (False, 5, step_lib.NONFINITE_LOSS)):
+    state = _state_of({"w": np.ones(1, np.float32)}, tx)
+    for _ in range(6):
+      state, _ = step_lib.train_step(
+          state, {}, jax.random.key(0), {}, loss_fn=loss_fn, tx=tx,
+          schedule=lambda step: 1e38, checked=checked, drop_nonfinite=False)
+    assert int(state.nonfinite_step) == first, checked
+    assert int(state.nonfinite_what) == what, checked
+    assert int(state.skipped_steps) == 0
+    assert not np.isfinite(np.asarray(state.params["w"])).any()

@@ -13,7 +13,8 @@ each with `flops` and `temp_bytes` of the compiled step and the median
 the FLOP ratios to flow matching.
 
 The project's step is the program a run executes between log steps; the
-log steps' program adds the gradient and parameter norms (~4 % more time,
+program of the steps whose state is logged or read adds the check of the
+updated parameters and the gradient and parameter norms (5-8 % more time,
 training/step.py).
 
 `--against=official-structure` compares each variant's step with the

@@ -71,9 +71,10 @@ def plan(config, batch_size=None, devices=None, hbm_bytes=None) -> dict:
   `total_bytes` counts what the step holds at its peak: arguments (train
   state shard and batch shard), outputs not aliased to donated arguments,
   and temporaries (activations, gradients, collectives' buffers). It is
-  the log steps' program, which adds the gradient and parameter norms to
-  the other steps' (and ~2 % of temporaries at DiT-S/4 batch 8): a run
-  holds both, and must fit the larger.
+  the checked steps' program (log, save, sample and eval steps), which
+  adds the parameter check and the gradient and parameter norms to the
+  other steps' (and ~2 % of temporaries at DiT-S/4 batch 8): a run holds
+  both, and must fit the larger.
   """
   exp = trainer.Experiment(config, workdir="", devices=devices)
   report = {
@@ -84,7 +85,7 @@ def plan(config, batch_size=None, devices=None, hbm_bytes=None) -> dict:
       "mesh": dict(exp.mesh.shape),
   }
   try:
-    compiled = exp.lower_train_step(batch_size, norms=True).compile()
+    compiled = exp.lower_train_step(batch_size, checked=True).compile()
   except jax.errors.JaxRuntimeError as e:
     # The TPU compiler refuses a program that cannot fit in HBM: that is an
     # answer ("does not fit"), not a failure of the tool.

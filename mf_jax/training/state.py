@@ -23,8 +23,8 @@ class TrainState(flax.struct.PyTreeNode):
   The last three fields record non-finite steps without a host sync:
   `nonfinite_step` is the first step whose loss, gradient or updated
   parameters were not finite (0: none), `nonfinite_what` says which (bits
-  1, 2, 4: see training/step.py),
-  `skipped_steps` counts the updates dropped for it.
+  1, 2, 4: see training/step.py), `skipped_steps` counts the updates
+  dropped for it (policy 'skip').
   """
   step: jax.Array
   params: Any

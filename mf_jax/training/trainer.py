@@ -77,9 +77,10 @@ class Experiment:
     """(apply, frozen): the distillation teacher, loaded on first use."""
     return teacher_lib.load(self.config, self.mesh)
 
-  def jit_train_step(self, norms=False):
-    """The jitted step; `norms` adds the gradient and parameter norms to
-    its metrics (the trainer's log steps), which costs ~4 % of a step."""
+  def jit_train_step(self, checked=False):
+    """The jitted step; `checked` adds the exact check of the updated
+    parameters and the gradient and parameter norms (training/step.py):
+    the program of the steps whose state is logged or read."""
     teacher_apply, frozen = self.teacher
     training = self.config.training
     return step_lib.jit_train_step(
@@ -88,7 +89,7 @@ class Experiment:
         objectives.make_target_update(self.config), teacher_apply,
         jax.tree.map(lambda a: a.sharding, frozen),
         donate=step_lib.donates_state(training.donate_state, self.mesh),
-        norms=norms)
+        checked=checked, drop_nonfinite=training.on_nonfinite == "skip")
 
   def abstract_batch(self, batch_size=None):
     """Shapes and shardings of a global batch, for ahead-of-time lowering."""
@@ -108,18 +109,18 @@ class Experiment:
           (batch_size, augment_dim), jnp.float32, sharding=batch_sharding)
     return batch
 
-  def lower_train_step(self, batch_size=None, norms=False):
+  def lower_train_step(self, batch_size=None, checked=False):
     """The train step lowered from abstract shapes: nothing is allocated
     (but a teacher's parameters, which are read)."""
     rng = jax.eval_shape(jax.random.key, 0)
-    return self.jit_train_step(norms).lower(
+    return self.jit_train_step(checked).lower(
         self.abstract_state, self.abstract_batch(batch_size), rng,
         teacher_lib.abstract(self.teacher[1]))
 
-  def compile_train_step(self, batch_size=None, norms=False):
+  def compile_train_step(self, batch_size=None, checked=False):
     """(step(state, batch, rng) -> (state, metrics), the compiled program):
     the call binds the frozen parameters; the program gives FLOPs/memory."""
-    compiled = self.lower_train_step(batch_size, norms).compile()
+    compiled = self.lower_train_step(batch_size, checked).compile()
     frozen = self.teacher[1]
     return (lambda state, batch, rng: compiled(state, batch, rng, frozen),
             compiled)
@@ -230,9 +231,13 @@ class SaveSchedule:
   def saved(self):
     self._last = time.monotonic()
 
+  def by_step(self, step: int) -> bool:
+    """Whether `step` is a save step by its number alone (not by time)."""
+    return step == self.num_steps or step == self.first or (
+        self.every > 0 and step % self.every == 0)
+
   def due(self, step: int, log_step: bool) -> bool:
-    if step == self.num_steps or step == self.first or (
-        self.every > 0 and step % self.every == 0):
+    if self.by_step(step):
       return True
     if not (self.every_secs > 0 and log_step):
       return False
@@ -335,11 +340,12 @@ def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
   # model FLOPs utilisation, and a shape or sharding that does not fit
   # fails here, not at step one.
   log_every = config.training.log_every_steps
-  train_step, compiled = exp.compile_train_step(norms=log_every == 1)
-  # Log steps run a second program that adds the gradient and parameter
-  # norms, which would slow every step by ~4 % (training/step.py).
-  log_train_step = (train_step if log_every == 1
-                    else exp.compile_train_step(norms=True)[0])
+  train_step, compiled = exp.compile_train_step(checked=log_every == 1)
+  # Steps whose state is logged, saved, sampled or evaluated run a second
+  # program that also checks the updated parameters and computes the norms:
+  # every step, that would cost 5-8 % (training/step.py).
+  checked_train_step = (train_step if log_every == 1
+                        else exp.compile_train_step(checked=True)[0])
   speed = throughput.StepRate(
       exp.mesh, throughput.compiled_flops(compiled), start_step)
   profile = throughput.ProfileWindow.from_config(config.profile, workdir)
@@ -364,7 +370,10 @@ def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
     batch = pipeline.to_global(next(data_iterator), batch_sharding)
     profile.before_step(step, wait_for=state)
     log_step = every(log_every, step)
-    state, metrics = (log_train_step if log_step else train_step)(
+    sampling = every(config.sample.every_steps, step)
+    scoring = evaluating and every(config.eval.every_steps, step)
+    checked = log_step or sampling or scoring or schedule.by_step(step)
+    state, metrics = (checked_train_step if checked else train_step)(
         state, batch, rng)
     # At most two steps in flight: the device stays busy, the host never runs
     # far ahead (XLA:CPU's fake devices can deadlock in collectives when many
@@ -379,18 +388,24 @@ def _train_loop(exp: Experiment, state, start_step: int, data_iterator,
       writer.flush()
       exp.checkpointer.check_for_errors()
     stop = signals.stop_at(step)
-    if schedule.due(step, log_step) or stop:
+    saving = schedule.due(step, log_step) or stop
+    if (saving or sampling or scoring) and not log_step:
+      # Policy 'stop' keeps a non-finite step's update (training/step.py):
+      # the run ends here, before anything reads that state. (A stop
+      # signal at an unchecked step leaves the parameters' check to
+      # `checkpoint_meta`.)
       check_finite(config, jax.device_get(metrics), step)
+    if saving:
       exp.checkpointer.save(step, state, checkpoint_meta(exp, state, step))
       schedule.saved()
     if stop:
       exp.checkpointer.wait()
       logging.warning("Stop signal: saved step %d, exiting.", step)
       break
-    if every(config.sample.every_steps, step):
+    if sampling:
       guarded(config, f"Sample grid at step {step}", save_sample_grid, exp,
               state, step, evaluator)
-    if evaluating and every(config.eval.every_steps, step):
+    if scoring:
       results = guarded(config, f"Evaluation at step {step}", evaluate, exp,
                         state, step, evaluator) or results
       writer.write_scalars(step, results)
