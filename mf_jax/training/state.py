@@ -21,10 +21,12 @@ class TrainState(flax.struct.PyTreeNode):
   (an EMA whose rate follows its curriculum, `objectives.make_target_update`);
   empty ({}) for every other objective, so their checkpoints hold no copy.
   The last three fields record non-finite steps without a host sync:
-  `nonfinite_step` is the first step whose loss, gradient or updated
-  parameters were not finite (0: none), `nonfinite_what` says which (bits
-  1, 2, 4: see training/step.py), `skipped_steps` counts the updates
-  dropped for it (policy 'skip').
+  `nonfinite_step` is the first step found with a non-finite loss,
+  gradient or updated parameters (0: none; under policy 'stop' the latter
+  two are checked only in checked steps, see training/step.py),
+  `nonfinite_what` says which
+  (bits 1, 2, 4), `skipped_steps` counts the updates dropped for it
+  (policy 'skip').
   """
   step: jax.Array
   params: Any
