@@ -24,9 +24,8 @@ class TrainState(flax.struct.PyTreeNode):
   `nonfinite_step` is the first step found with a non-finite loss,
   gradient or updated parameters (0: none; under policy 'stop' the latter
   two are checked only in checked steps, see training/step.py),
-  `nonfinite_what` says which
-  (bits 1, 2, 4), `skipped_steps` counts the updates dropped for it
-  (policy 'skip').
+  `nonfinite_what` says which (bits 1, 2, 4), `skipped_steps` counts the
+  updates dropped for it (policy 'skip').
   """
   step: jax.Array
   params: Any
